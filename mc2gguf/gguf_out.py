@@ -1,0 +1,133 @@
+"""Stage 5: write the GGUF file, streaming one tensor at a time.
+
+gguf-py's writer is used in its streaming order (tensor infos, header, key/values, tensor info table, then
+each tensor's bytes as soon as it is quantized), so memory holds one tensor at a time. The file is
+written under a temporary name beside the output and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from .errors import Mc2ggufError
+
+# Added by the writer itself or describing the file rather than the model.
+_WRITER_OWNED_KEYS = ("general.architecture",)
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: Any
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@dataclass(frozen=True)
+class TensorPayload:
+    """What the writer needs to know of a tensor before its data exists."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order, in weights
+    ggml_type: Any  # GGMLQuantizationType
+    nbytes: int
+
+
+def read_metadata(path: Path) -> list[KeyValue]:
+    """All key/values of a GGUF file (strings as raw bytes, so no vocabulary entry is re-encoded)."""
+    reader = GGUFReader(path)
+    out = []
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in _WRITER_OWNED_KEYS:
+            continue
+        main = field.types[0]
+        sub = field.types[-1] if main == GGUFValueType.ARRAY else None
+        if main == GGUFValueType.STRING:
+            value = bytes(field.parts[field.data[0]])
+        elif sub == GGUFValueType.STRING:
+            value = [bytes(field.parts[i]) for i in field.data]
+        else:
+            value = field.contents()
+        out.append(KeyValue(field.name, value, main, sub))
+    return out
+
+
+def _writer(path: Path, arch: str, metadata: list[KeyValue], tensors: list[TensorPayload]) -> GGUFWriter:
+    writer = GGUFWriter(path, arch)
+    for kv in metadata:
+        writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    return writer
+
+
+def expected_file_size(arch: str, metadata: list[KeyValue], tensors: list[TensorPayload]) -> int:
+    """The exact byte size of the file ``write_gguf`` produces, found by writing its header alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = _writer(Path(tmp) / "header.gguf", arch, metadata, tensors)
+        writer.close()
+        header = (Path(tmp) / "header.gguf").stat().st_size
+        align = writer.data_alignment
+    if not tensors:
+        return header
+    return GGUFWriter.ggml_pad(header, align) + sum(GGUFWriter.ggml_pad(t.nbytes, align) for t in tensors)
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool, needed_bytes: int) -> Iterator[Path]:
+    """A temporary path beside ``out``, renamed to ``out`` on success and removed on any failure."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise Mc2ggufError(f"{out} exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise Mc2ggufError(f"{out} is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise Mc2ggufError(f"cannot write {out}: directory {parent} does not exist")
+    tmp = parent / f".{out.name}.partial"
+    try:
+        tmp.touch()
+    except OSError as e:
+        raise Mc2ggufError(f"cannot write {out}: {e.strerror}") from None
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        tmp.unlink(missing_ok=True)
+        raise Mc2ggufError(f"not enough disk space for {out}: need {needed_bytes:,} bytes, {free:,} free")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    metadata: list[KeyValue],
+    tensors: list[TensorPayload],
+    produce: Callable[[TensorPayload], np.ndarray],
+    on_tensor: Callable[[TensorPayload], None] = lambda t: None,
+) -> None:
+    """Write a GGUF file; ``produce`` returns each tensor's bytes, called in order, one at a time."""
+    writer = _writer(path, arch, metadata, tensors)
+    for t in tensors:
+        data = produce(t)
+        if data.nbytes != t.nbytes:
+            raise Mc2ggufError(f"internal error: {t.name} produced {data.nbytes} bytes, planned {t.nbytes}")
+        writer.write_tensor_data(data)
+        on_tensor(t)
+    writer.close()

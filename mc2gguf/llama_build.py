@@ -1,0 +1,222 @@
+"""Reproducible, cached build of the pinned llama.cpp with the project's patches.
+
+The pinned source is the llama.cpp tree vendored by PyPI ``llama-cpp-python==0.3.36`` (llama.cpp commit
+0c1e570). The build lives in a cache directory keyed by the source version, the patch series and the build
+options, so a second call with the same inputs returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Mc2ggufError
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+
+PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+
+TOOL_TARGETS = (
+    "llama-cli",
+    "llama-completion",
+    "llama-server",
+    "llama-perplexity",
+    "llama-quantize",
+    "llama-imatrix",
+    "llama-bench",
+    "test-backend-ops",
+)
+LIBRARY_TARGETS = ("llama", "ggml", "ggml-base", "ggml-cpu")
+
+# Portable: no -march=native, no network at configure time (the web UI would be downloaded otherwise).
+BASE_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_NATIVE=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=ON",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+)
+CUDA_CMAKE_FLAGS = ("-DGGML_CUDA=ON",)
+DEFAULT_CUDA_ARCHS = "86;89"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MC2GGUF_CACHE", Path.home() / ".cache" / "mc2gguf"))
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    cuda: bool = False
+    cuda_archs: str = DEFAULT_CUDA_ARCHS
+    patches: tuple[Path, ...] = field(default_factory=lambda: tuple(sorted(PATCH_DIR.glob("*.patch"))))
+
+    def cmake_flags(self) -> list[str]:
+        flags = list(BASE_CMAKE_FLAGS)
+        if self.cuda:
+            flags += [*CUDA_CMAKE_FLAGS, f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_archs}"]
+        return flags
+
+    def key(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"{LLAMA_CPP_PYTHON_VERSION}\0{' '.join(self.cmake_flags())}\0".encode())
+        for patch in self.patches:
+            digest.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
+        return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class LlamaBuild:
+    root: Path
+
+    @property
+    def source_dir(self) -> Path:
+        return self.root / "src"
+
+    @property
+    def build_dir(self) -> Path:
+        return self.root / "build"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.build_dir / "bin"
+
+    @property
+    def stamp(self) -> Path:
+        return self.root / "complete"
+
+    def binary(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not path.exists():
+            raise Mc2ggufError(f"{name} is missing from the llama.cpp build at {self.bin_dir}")
+        return path
+
+    @property
+    def python_dir(self) -> Path:
+        """Where the llama-cpp-python bindings for this build are installed (see ``install_bindings``)."""
+        return self.root / "python"
+
+    @property
+    def ggml_library(self) -> Path:
+        return self.bin_dir / "libggml-base.so"
+
+    @property
+    def llama_library(self) -> Path:
+        return self.bin_dir / "libllama.so"
+
+
+def _run(cmd: list[str], log: Path, cwd: Path | None = None, env: dict | None = None) -> None:
+    print("+ " + " ".join(str(c) for c in cmd), file=sys.stderr, flush=True)
+    with open(log, "ab") as out:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        raise Mc2ggufError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n" + "\n".join(tail))
+
+
+def fetch_sdist() -> Path:
+    """The llama-cpp-python sdist, downloaded once with pip into the cache."""
+    downloads = cache_root() / "downloads"
+    sdist = downloads / f"{SDIST_NAME}.tar.gz"
+    if sdist.exists():
+        return sdist
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp]
+        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise Mc2ggufError(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}:\n{proc.stdout[-2000:]}")
+        os.replace(Path(tmp) / sdist.name, sdist)
+    return sdist
+
+
+def _extract_llama_source(sdist: Path, dest: Path) -> None:
+    """Extract vendor/llama.cpp from the sdist into dest and check the pinned commit."""
+    prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
+    head = f"{SDIST_NAME}/.git/modules/vendor/llama.cpp/HEAD"
+    with tarfile.open(sdist) as tar:
+        commit = tar.extractfile(head).read().decode().strip()
+        if commit != LLAMA_CPP_COMMIT:
+            raise Mc2ggufError(f"{sdist} vendors llama.cpp {commit}, expected {LLAMA_CPP_COMMIT}")
+        members = []
+        for member in tar.getmembers():
+            if member.name.startswith(prefix) and not member.name.endswith("/.git"):
+                member.name = member.name[len(prefix):]
+                members.append(member)
+        tar.extractall(dest, members=members, filter="data")
+
+
+def _prepare_source(config: BuildConfig, build: LlamaBuild) -> None:
+    if (build.source_dir / "CMakeLists.txt").exists():
+        return
+    staging = build.root / "src.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _extract_llama_source(fetch_sdist(), staging)
+    for patch in config.patches:
+        _run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], build.root / "patch.log", cwd=staging)
+    os.replace(staging, build.source_dir)
+
+
+def _build_location(config: BuildConfig) -> LlamaBuild:
+    return LlamaBuild(cache_root() / f"llama.cpp-{LLAMA_CPP_COMMIT[:7]}-{config.key()}")
+
+
+def llama_source(config: BuildConfig | None = None) -> Path:
+    """The pinned, patched llama.cpp source tree (downloaded and extracted once; nothing is built)."""
+    config = config or BuildConfig()
+    build = _build_location(config)
+    build.root.mkdir(parents=True, exist_ok=True)
+    _prepare_source(config, build)
+    return build.source_dir
+
+
+def build_llama(config: BuildConfig | None = None, jobs: int | None = None) -> LlamaBuild:
+    """Build (or find in the cache) the patched llama.cpp and return where it is."""
+    config = config or BuildConfig()
+    build = _build_location(config)
+    if build.stamp.exists():
+        return build
+    llama_source(config)
+    log = build.root / "build.log"
+    _run(["cmake", "-S", str(build.source_dir), "-B", str(build.build_dir), *config.cmake_flags()], log)
+    jobs = jobs or os.cpu_count() or 1
+    _run(["cmake", "--build", str(build.build_dir), "-j", str(jobs),
+          "--target", *TOOL_TARGETS, *LIBRARY_TARGETS], log)
+    _install_bindings(build, log)
+    build.stamp.write_text(" ".join(config.cmake_flags()) + "\n")
+    return build
+
+
+def _install_bindings(build: LlamaBuild, log: Path) -> None:
+    """Install llama-cpp-python's Python package next to the build, compiling nothing.
+
+    With ``LLAMA_BUILD=OFF`` its CMake project builds no library; at run time ``LLAMA_CPP_LIB_PATH`` points
+    the bindings at this build's ``libllama.so`` (see ``mc2gguf.llama_runtime``), so Python and the
+    command-line tools run the very same patched library.
+    """
+    env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
+    shutil.rmtree(build.python_dir, ignore_errors=True)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(build.python_dir),
+          str(fetch_sdist())], log, env=env)
+
+
+def find_llama_build(config: BuildConfig | None = None) -> LlamaBuild:
+    """The cached build for this configuration, or a clear error telling the user how to make it."""
+    build = _build_location(config or BuildConfig())
+    if not build.stamp.exists():
+        raise Mc2ggufError("the pinned llama.cpp is not built yet: run `mc2gguf build-llama` first")
+    return build

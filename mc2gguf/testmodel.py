@@ -1,0 +1,86 @@
+"""Seeded random Mixtral checkpoints, for tests and for the command-line demo.
+
+Hidden and expert sizes are multiples of 256 so every K-quant and codebook type applies. Weights are
+fp16-representable and drawn with a larger spread than transformers' default initialisation so that the logits are far from
+uniform (a random model with near-identical logits would make argmax comparisons meaningless).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import Mc2ggufError
+
+
+@dataclass(frozen=True)
+class TinyMixtralConfig:
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    num_local_experts: int = 4
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "legacy": True,
+}
+
+
+def _vocab_size(tokenizer_model: Path) -> int:
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model)).vocab_size()
+
+
+def build_tiny_mixtral(
+    out_dir: Path,
+    tokenizer_model: Path,
+    seed: int = 0,
+    config: TinyMixtralConfig = TinyMixtralConfig(),
+    max_shard_size: str = "2MB",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a seeded random ``MixtralForCausalLM`` (sharded safetensors + SentencePiece tokenizer)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer_model = Path(tokenizer_model)
+    if not tokenizer_model.is_file():
+        raise Mc2ggufError(f"tokenizer model {tokenizer_model} not found")
+    hf_config = MixtralConfig(
+        vocab_size=_vocab_size(tokenizer_model), tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        **asdict(config),
+    )
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(hf_config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # RMSNorm weights: around 1, not all equal
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:  # std ~ 1/sqrt(fan_in) keeps activations O(1) through the layers
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn_like(p) / fan_in**0.5)
+            # fp16-representable values: an F16 GGUF then holds exactly the checkpoint's weights
+            p.copy_(p.half().float())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
+    return out_dir
