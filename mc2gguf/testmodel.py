@@ -84,3 +84,26 @@ def build_tiny_mixtral(
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
     return out_dir
+
+
+_SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "tok512" / "tokenizer.model"
+
+
+def default_tokenizer(workdir: Path) -> Path:
+    """The project's shared 512-piece SentencePiece model when the checkout has ``../shared`` beside it;
+    otherwise a 512-piece BPE model trained here, deterministically, on mc2gguf's own source text."""
+    if _SHARED_TOKENIZER.is_file():
+        return _SHARED_TOKENIZER
+    import sentencepiece
+
+    prefix = Path(workdir) / "tok512"
+    model = prefix.with_suffix(".model")
+    if not model.is_file():
+        corpus = Path(workdir) / "tokenizer-corpus.txt"
+        sources = sorted(Path(__file__).resolve().parent.rglob("*.py"))
+        corpus.write_text("\n".join(p.read_text() for p in sources))
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(prefix), vocab_size=512, model_type="bpe",
+            character_coverage=1.0, byte_fallback=True, num_threads=1, minloglevel=2,
+        )
+    return model
