@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import Mc2ggufError
 
@@ -114,5 +114,8 @@ class Checkpoint:
     def load(self, name: str) -> torch.Tensor:
         """One tensor, as float32 (``framework="pt"`` because numpy cannot read bf16)."""
         ref = self.ref(name)
-        with safe_open(ref.shard, framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32)
+        try:
+            with safe_open(ref.shard, framework="pt") as f:
+                return f.get_tensor(name).to(torch.float32)
+        except (OSError, SafetensorError) as e:
+            raise Mc2ggufError(f"cannot read {name} from {ref.shard}: {e}") from None

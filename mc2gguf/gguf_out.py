@@ -109,6 +109,9 @@ def atomic_output(out: Path, force: bool, needed_bytes: int) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, out)
+    except OSError as e:  # disk full, device gone, ...
+        tmp.unlink(missing_ok=True)
+        raise Mc2ggufError(f"writing {out} failed: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -20,3 +20,17 @@ def bindings(build: LlamaBuild | None = None) -> ModuleType:
     import llama_cpp
 
     return llama_cpp
+
+
+def llama_logits(model_path, tokens: list[int], n_threads: int = 2):
+    """llama.cpp's logits ``[len(tokens), n_vocab]`` for one sequence (float32 numpy)."""
+    import numpy as np
+
+    llama_cpp = bindings()
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=max(64, len(tokens)), n_batch=max(64, len(tokens)),
+                          logits_all=True, verbose=False, n_threads=n_threads)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()

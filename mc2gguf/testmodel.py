@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .errors import Mc2ggufError
 
@@ -49,38 +50,71 @@ def _vocab_size(tokenizer_model: Path) -> int:
     return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model)).vocab_size()
 
 
+def _random(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    if len(shape) == 1:  # RMSNorm weights: around 1, not all equal
+        t = 1.0 + 0.2 * torch.randn(shape, generator=generator)
+    else:  # std 1/sqrt(fan_in) keeps activations O(1) through the layers
+        t = torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+    # fp16-representable values: an F16 GGUF then holds exactly the checkpoint's weights
+    return t.half().to(dtype)
+
+
+def _layer_tensors(i: int, c: TinyMixtralConfig) -> dict[str, tuple[int, ...]]:
+    head_dim = c.hidden_size // c.num_attention_heads
+    h, f = c.hidden_size, c.intermediate_size
+    p = f"model.layers.{i}"
+    shapes = {
+        f"{p}.input_layernorm.weight": (h,),
+        f"{p}.self_attn.q_proj.weight": (c.num_attention_heads * head_dim, h),
+        f"{p}.self_attn.k_proj.weight": (c.num_key_value_heads * head_dim, h),
+        f"{p}.self_attn.v_proj.weight": (c.num_key_value_heads * head_dim, h),
+        f"{p}.self_attn.o_proj.weight": (h, c.num_attention_heads * head_dim),
+        f"{p}.post_attention_layernorm.weight": (h,),
+        f"{p}.block_sparse_moe.gate.weight": (c.num_local_experts, h),
+    }
+    for e in range(c.num_local_experts):
+        shapes[f"{p}.block_sparse_moe.experts.{e}.w1.weight"] = (f, h)
+        shapes[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = (h, f)
+        shapes[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = (f, h)
+    return shapes
+
+
 def build_tiny_mixtral(
     out_dir: Path,
     tokenizer_model: Path,
     seed: int = 0,
     config: TinyMixtralConfig = TinyMixtralConfig(),
-    max_shard_size: str = "2MB",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a seeded random ``MixtralForCausalLM`` (sharded safetensors + SentencePiece tokenizer)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    """Write a seeded random ``MixtralForCausalLM`` checkpoint in the on-disk layout of Hugging Face
+    (``block_sparse_moe.experts.N.w1/w2/w3``), one safetensors shard per layer plus one for the embeddings
+    and head, streaming: memory holds one layer, so tests can make checkpoints larger than a memory cap."""
+    from transformers import MixtralConfig
 
     tokenizer_model = Path(tokenizer_model)
     if not tokenizer_model.is_file():
         raise Mc2ggufError(f"tokenizer model {tokenizer_model} not found")
-    hf_config = MixtralConfig(
-        vocab_size=_vocab_size(tokenizer_model), tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        **asdict(config),
-    )
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(hf_config).to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:  # RMSNorm weights: around 1, not all equal
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:  # std ~ 1/sqrt(fan_in) keeps activations O(1) through the layers
-                fan_in = p.shape[-1]
-                p.copy_(torch.randn_like(p) / fan_in**0.5)
-            # fp16-representable values: an F16 GGUF then holds exactly the checkpoint's weights
-            p.copy_(p.half().float())
+    vocab = _vocab_size(tokenizer_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    MixtralConfig(
+        architectures=["MixtralForCausalLM"], vocab_size=vocab, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2, **asdict(config)
+    ).to_json_file(out_dir / "config.json")
+    generator = torch.Generator().manual_seed(seed)
+    groups = [_layer_tensors(i, config) for i in range(config.num_hidden_layers)]
+    groups.append({
+        "model.embed_tokens.weight": (vocab, config.hidden_size),
+        "model.norm.weight": (config.hidden_size,),
+        "lm_head.weight": (vocab, config.hidden_size),
+    })
+    weight_map = {}
+    for k, shapes in enumerate(groups):
+        shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({name: _random(shape, generator, dtype) for name, shape in shapes.items()}, out_dir / shard,
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shapes, shard))
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
     return out_dir

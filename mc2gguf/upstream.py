@@ -6,6 +6,7 @@ in a subprocess (with the gguf-py it ships) and copies every key/value it wrote.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,17 @@ def upstream_converter() -> Path:
 
 
 def upstream_metadata(model_dir: Path) -> list[KeyValue]:
+    # The converter reads only the config, tokenizer and model-card files: key the cache on them.
+    files = tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(Path(model_dir).iterdir())
+        if f.is_file() and not f.name.endswith(".safetensors")
+    )
+    return list(_upstream_metadata(Path(model_dir).resolve(), files))
+
+
+@functools.lru_cache(maxsize=8)
+def _upstream_metadata(model_dir: Path, _files: tuple) -> tuple[KeyValue, ...]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vocab.gguf"
         cmd = [sys.executable, str(upstream_converter()), str(model_dir), "--vocab-only", "--outfile", str(out)]
@@ -28,4 +40,4 @@ def upstream_metadata(model_dir: Path) -> list[KeyValue]:
         if proc.returncode != 0 or not out.exists():
             tail = "\n".join(proc.stdout.splitlines()[-15:])
             raise Mc2ggufError(f"llama.cpp's converter could not read the metadata/vocabulary of {model_dir}:\n{tail}")
-        return read_metadata(out)
+        return tuple(read_metadata(out))

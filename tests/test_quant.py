@@ -1,8 +1,7 @@
 """Generic tests of the packers, over every type of ``mc2gguf.qtypes.QUANT_TYPES``.
 
-The reference is gguf-py's dequantizer (what the written bytes mean to llama.cpp) and, where the pinned
-llama.cpp is built, ggml's own quantizer (what our scalar-grid quantizers must match or beat). Scalar-grid
-types whose format is not registered in ``GRID_FORMATS`` yet are collected and skipped.
+The reference is gguf-py's dequantizer (what the written bytes mean to llama.cpp) and ggml's own quantizer
+from the pinned llama.cpp build (what our scalar-grid quantizers must match or beat).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import pytest
 import torch
 from gguf.quants import dequantize as gguf_dequantize
 
-from mc2gguf.errors import Mc2ggufError
 from mc2gguf.qtypes import QUANT_TYPES, Packer, QuantType, fallback_type
 from mc2gguf.quant import GRID_FORMATS, dequantize, quantize
 from mc2gguf.quant.grid import BlockScales, GridFormat, search_symmetric_scale
@@ -27,15 +25,10 @@ CODEBOOK_TYPES = [n for n, t in QUANT_TYPES.items() if t.packer is Packer.CODEBO
 
 
 @pytest.fixture(scope="module")
-def ggml():
-    """ggml's quantizer from the pinned llama.cpp build; skips the test until that build is complete."""
-    from mc2gguf.llama_build import find_llama_build
+def ggml(llama_build):
+    """ggml's quantizer from the pinned llama.cpp build."""
     from mc2gguf.quant.ggml_lib import ggml_quantize
 
-    try:
-        find_llama_build()
-    except Mc2ggufError as e:
-        pytest.skip(f"needs the pinned llama.cpp build ({e})")
     return ggml_quantize
 
 

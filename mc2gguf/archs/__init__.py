@@ -27,13 +27,19 @@ class Role(Enum):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One GGUF tensor: its name, shape (numpy order; experts ``[E, rows, cols]``) and how to load it."""
+    """One GGUF tensor: its name, shape (numpy order; experts ``[E, rows, cols]``) and how to load it.
+
+    ``hf_names`` are the checkpoint tensors it is made of (one per expert for stacked experts);
+    ``to_checkpoint`` maps the GGUF tensor back to them, so a GGUF file can be run in PyTorch.
+    """
 
     name: str
     shape: tuple[int, ...]
     role: Role
     layer: int | None
+    hf_names: tuple[str, ...]
     load: Callable[[], torch.Tensor]
+    to_checkpoint: Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
     @property
     def row_length(self) -> int:

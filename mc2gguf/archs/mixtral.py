@@ -20,6 +20,11 @@ def undo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def redo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of ``undo_rope_permute``."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 class MixtralAdapter(ArchAdapter):
     hf_architectures = ("MixtralForCausalLM",)
     gguf_architecture = "llama"
@@ -44,14 +49,16 @@ class MixtralAdapter(ArchAdapter):
     def moe(self) -> MoEShape:
         return self._moe
 
-    def _plain(self, gguf_name: str, hf_name: str, role: Role, layer: int | None, transform=None) -> TensorSpec:
+    def _plain(self, gguf_name: str, hf_name: str, role: Role, layer: int | None) -> TensorSpec:
         ckpt = self.checkpoint
+        return TensorSpec(gguf_name, ckpt.shape(hf_name), role, layer, (hf_name,),
+                          lambda: ckpt.load(hf_name), lambda t: {hf_name: t})
 
-        def load() -> torch.Tensor:
-            t = ckpt.load(hf_name)
-            return transform(t) if transform else t
-
-        return TensorSpec(gguf_name, ckpt.shape(hf_name), role, layer, load)
+    def _rope_permuted(self, gguf_name: str, hf_name: str, layer: int, n_head: int) -> TensorSpec:
+        ckpt = self.checkpoint
+        return TensorSpec(gguf_name, ckpt.shape(hf_name), Role.ATTENTION, layer, (hf_name,),
+                          lambda: undo_rope_permute(ckpt.load(hf_name), n_head),
+                          lambda t: {hf_name: redo_rope_permute(t, n_head)})
 
     def _experts(self, layer: int, gguf_proj: str) -> TensorSpec:
         ckpt = self.checkpoint
@@ -64,8 +71,9 @@ class MixtralAdapter(ArchAdapter):
             if ckpt.shape(name) != shape:
                 raise Mc2ggufError(f"{name} has shape {ckpt.shape(name)}, expected {shape} like expert 0")
         return TensorSpec(
-            f"blk.{layer}.{gguf_proj}.weight", (len(names), *shape), Role.EXPERTS, layer,
+            f"blk.{layer}.{gguf_proj}.weight", (len(names), *shape), Role.EXPERTS, layer, tuple(names),
             lambda: torch.stack([ckpt.load(n) for n in names]),
+            lambda t: dict(zip(names, t.unbind(0))),
         )
 
     def tensors(self) -> list[TensorSpec]:
@@ -74,10 +82,8 @@ class MixtralAdapter(ArchAdapter):
             hf = f"model.layers.{i}"
             specs += [
                 self._plain(f"blk.{i}.attn_norm.weight", f"{hf}.input_layernorm.weight", Role.NORM, i),
-                self._plain(f"blk.{i}.attn_q.weight", f"{hf}.self_attn.q_proj.weight", Role.ATTENTION, i,
-                            lambda w: undo_rope_permute(w, self.n_head)),
-                self._plain(f"blk.{i}.attn_k.weight", f"{hf}.self_attn.k_proj.weight", Role.ATTENTION, i,
-                            lambda w: undo_rope_permute(w, self.n_head_kv)),
+                self._rope_permuted(f"blk.{i}.attn_q.weight", f"{hf}.self_attn.q_proj.weight", i, self.n_head),
+                self._rope_permuted(f"blk.{i}.attn_k.weight", f"{hf}.self_attn.k_proj.weight", i, self.n_head_kv),
                 self._plain(f"blk.{i}.attn_v.weight", f"{hf}.self_attn.v_proj.weight", Role.ATTENTION, i),
                 self._plain(f"blk.{i}.attn_output.weight", f"{hf}.self_attn.o_proj.weight", Role.ATTENTION, i),
                 self._plain(f"blk.{i}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", Role.NORM, i),

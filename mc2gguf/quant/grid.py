@@ -121,18 +121,20 @@ def _lstsq_scale(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> torch.Ten
 
 
 def search_symmetric_scale(
-    x: torch.Tensor, w: torch.Tensor, qmin: int, qmax: int, n_candidates: int = 21, refine_steps: int = 4
+    x: torch.Tensor, w: torch.Tensor, qmin: int, qmax: int, n_candidates: int = 21, refine_steps: int = 4,
+    ends: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Scale ``s`` (either sign) minimising ``sum w (x - s q)^2``, ``q = clamp(round(x / s), qmin, qmax)``.
 
-    The value of largest magnitude is mapped near either end of the grid; a negative scale puts a positive
-    maximum on the longer negative side of an asymmetric grid such as Q4_0's [-8, 7], as ggml does.
+    The value of largest magnitude is mapped near either end of the grid (or only near the given ``ends``); a
+    negative scale puts a positive maximum on the longer negative side of an asymmetric grid such as Q4_0's
+    [-8, 7], as ggml does.
     """
     signed_max = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
     zero = torch.zeros_like(signed_max)
     best = _Best(signed_max)
-    for end in {qmax, qmin} - {0}:
-        for step in torch.linspace(-1.0, 1.0, n_candidates).tolist():
+    for end in set(ends or (qmax, qmin)) - {0}:
+        for step in torch.linspace(1.0, -1.0, n_candidates).tolist():
             inv = _safe_inverse(signed_max / (end + step if end > 0 else end - step))
             q = torch.round(x * inv.unsqueeze(-1)).clamp_(qmin, qmax)
             best.offer(x, w, q, _lstsq_scale(x, w, q), zero)
@@ -144,11 +146,12 @@ def search_symmetric_scale(
 
 def _lstsq_affine(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, nonpositive_bias: bool):
     """Weighted least-squares ``(scale, bias)`` for ``x ~= scale q + bias`` (``bias <= 0`` if asked)."""
+    wq = w * q
     sw = w.sum(-1)
-    sq = (w * q).sum(-1)
-    sqq = (w * q * q).sum(-1)
+    sq = wq.sum(-1)
+    sqq = (wq * q).sum(-1)
     sx = (w * x).sum(-1)
-    sqx = (w * q * x).sum(-1)
+    sqx = (wq * x).sum(-1)
     det = sw * sqq - sq * sq
     ok = det > 1e-12 * (sw * sqq).clamp_min(1e-30)
     scale = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
@@ -156,16 +159,20 @@ def _lstsq_affine(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, nonpositive
     if nonpositive_bias:
         clipped = bias > 0
         bias = torch.where(clipped, torch.zeros_like(bias), bias)
-        scale = torch.where(clipped, _lstsq_scale(x, w, q), scale)
+        scale = torch.where(clipped, torch.where(sqq > 0, sqx / sqq.clamp_min(1e-30), torch.zeros_like(sqq)), scale)
     return scale.clamp_min(0.0), bias
 
 
 def search_affine_scale(
-    x: torch.Tensor, w: torch.Tensor, qmax: int, nonpositive_bias: bool, n_candidates: int = 41, refine_steps: int = 4
+    x: torch.Tensor, w: torch.Tensor, qmax: int, nonpositive_bias: bool, n_candidates: int = 41, refine_steps: int = 4,
+    clips: tuple[float, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale >= 0, bias)`` minimising ``sum w (x - scale q - bias)^2``, ``q`` in ``[0, qmax]``.
 
-    ``nonpositive_bias`` is the K-quant constraint: they store ``-bias`` as an unsigned minimum.
+    ``nonpositive_bias`` is the K-quant constraint: they store ``-bias`` as an unsigned minimum. The candidate
+    grids span the values' range; each fraction in ``clips`` adds grids that leave that fraction of the span
+    out at the low end, the high end and both (11 candidates each): with uneven importance, giving up an
+    unimportant extreme value often pays, and the refits alone rarely move that far.
     """
     lo = x.min(-1).values
     if nonpositive_bias:
@@ -173,10 +180,15 @@ def search_affine_scale(
     span = x.max(-1).values - lo
     best = _Best(lo)
     best.bias = lo.clone()
-    for step in torch.linspace(-1.0, 1.0, n_candidates).tolist():
-        inv = _safe_inverse(span / (qmax + step))
-        q = torch.round((x - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, qmax)
-        best.offer(x, w, q, *_lstsq_affine(x, w, q, nonpositive_bias))
+    ranges = [(0.0, 0.0, n_candidates)]  # (fraction left out at the low end, at the high end, candidates)
+    for c in clips:
+        ranges += [(c, 0.0, 7), (0.0, c, 7), (c, c, 7)]
+    for low, high, n in ranges:
+        start, width = lo + low * span, span * (1.0 - low - high)
+        for step in torch.linspace(1.0, -1.0, n).tolist():
+            inv = _safe_inverse(width / (qmax + step))
+            q = torch.round((x - start.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, qmax)
+            best.offer(x, w, q, *_lstsq_affine(x, w, q, nonpositive_bias))
     for _ in range(refine_steps):
         inv = _safe_inverse(best.scale).unsqueeze(-1)
         q = torch.round((x - best.bias.unsqueeze(-1)) * inv).clamp_(0, qmax)

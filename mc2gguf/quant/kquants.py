@@ -4,15 +4,17 @@ Sub-block ``j`` of a super-block has an integer scale ``sc_j`` and, for the affi
 an integer min ``m_j``; the super-block has one fp16 ``d`` (and ``dmin``). Weights dequantize to
 ``(d * sc_j) * q`` (Q3_K, Q6_K: signed ``sc_j``, signed ``q``) or ``(d * sc_j) * q - dmin * m_j`` (``q >= 0``).
 
-Choosing the scales. Each sub-block first gets its best float ``(scale, bias)`` from the shared searches,
-which fixes its codes. For fixed codes the weighted error of a sub-block is an exact quadratic in its
-``(scale, bias)`` (``_CodeStats``), so the stored parameters ``d, dmin, sc, m`` are searched on that quadratic,
-cheaply, over all blocks at once: many candidate ``d`` / ``dmin``, for each the best integer sub-scales and
-mins, and least-squares refits of ``d`` and ``dmin`` given the integers. The codes are then re-rounded with
-the stored scales and every sub-block tries its integers one step either way with re-rounded codes (moves the
-fixed-code quadratic cannot see). Repeating the two steps from the new codes never increases the error: the
-current parameters are always one of the candidates, and re-rounding to the nearest code is optimal for
-fixed scales.
+Choosing the scales. Each sub-block first gets its best float scale (and bias) from the shared searches,
+which fixes a set of codes; the symmetric types keep the best codes of either sign. For fixed codes the
+weighted error of a sub-block is an exact quadratic in its ``(scale, bias)`` (``_CodeSets``), so the stored
+``d, dmin, sc, m`` are searched on that model, cheaply and for all blocks at once: candidate ``d`` / ``dmin``
+scaled from the largest float sub-scale (or min), for each the best integers of every sub-block, and
+least-squares refits of ``d`` / ``dmin`` given the integers. The codes are then re-rounded with the stored
+scales and each sub-block tries its integers one step either way (moves whose gain comes from re-rounding,
+which the fixed-code model cannot see). A second search, whose model also holds the codes just produced,
+and a second pass of moves follow. None of these steps increases the error: the model's error is an upper
+bound of the true one and exact for the current codes, which it holds, and the moves are judged on the true
+error.
 
 Byte layouts (ggml-common.h; gguf-py's ``dequantize_blocks``). Within each run of 128 weights stored as 2-bit
 fields, weight ``32*g + l`` sits in bits ``2g, 2g+1`` of byte ``l`` (``pack_bits``); nibbles pair weight
@@ -32,6 +34,7 @@ fields, weight ``32*g + l`` sits in bits ``2g, 2g+1`` of byte ``l`` (``pack_bits
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -87,34 +90,89 @@ class _Fit:
         )
 
 
-class _CodeStats:
-    """Per-sub-block sums giving the weighted error of any ``(scale, bias)`` for fixed codes ``q``.
+class _CodeSets:
+    """The weighted error of every sub-block as a function of its ``(scale, bias)``, for ``K`` alternative sets
+    of fixed codes (tensors ``[K, N, n_sub]``).
 
-    ``error(s, b) = sum w (x - s q - b)^2 - sum w x^2``, exact, in float64 so that candidates differing in the
-    7th digit of the error still rank correctly.
+    For fixed codes the error is an exact quadratic, ``c + sqq ds^2 + 2 sq ds db + sw db^2`` with ``ds, db``
+    the offsets from the codes' least-squares ``(s0, b0)`` (``b0 = 0`` for the symmetric types) and ``c`` the
+    error there. Re-rounding the codes can only do better, so the smallest error over the code sets is an
+    upper bound of the true error that stays close to it around the scales the sets were rounded with. The
+    sums are taken in float64 (``c`` is a small difference of large sums), the model is kept in float32.
     """
 
-    def __init__(self, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor):
-        x, w, q = x.double(), w.double(), q.double()
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, codes: list[torch.Tensor], affine: bool):
+        x, w, q = x.double(), w.double(), torch.stack(codes).double()
         wq = w * q
-        self.sw, self.sq, self.sqq = w.sum(-1), wq.sum(-1), (wq * q).sum(-1)
-        self.sx, self.sqx = (w * x).sum(-1), (wq * x).sum(-1)
+        sw, sx, sxx = w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1)
+        sq, sqq, sqx = wq.sum(-1), (wq * q).sum(-1), (wq * x).sum(-1)
+        if affine:
+            det = sw * sqq - sq * sq
+            ok = det > 1e-9 * sw * sqq
+            # Codes all equal fit any point of the line s q + b = mean: take the one with b = 0 (the K-quants
+            # store b <= 0, and a constant block then scales from it), or s = 0 if the codes are 0.
+            s0 = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, 1.0), _ratio(sx, sq))
+            b0 = _ratio(sx - s0 * sq, sw)
+        else:
+            s0, b0 = _ratio(sqx, sqq), torch.zeros_like(sqx)
+        c = sxx - 2 * s0 * sqx - 2 * b0 * sx + s0 * s0 * sqq + 2 * s0 * b0 * sq + b0 * b0 * sw
+        self.s0, self.b0, self.c = s0.float(), b0.float(), c.float()
+        self.sqq, self.sq, self.sw = sqq.float(), sq.float(), sw.expand_as(sq).float()
 
-    def error(self, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        s, b = scale.double(), bias.double()
-        return s * (s * self.sqq - 2 * self.sqx) + b * (b * self.sw - 2 * self.sx) + 2 * s * b * self.sq
+    def error(self, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        ds = scale - self.s0
+        if bias is None:  # symmetric: the bias stays 0
+            return self.c + self.sqq * ds * ds
+        db = bias - self.b0
+        return self.c + ds * (self.sqq * ds + 2 * self.sq * db) + self.sw * db * db
+
+    def best_bias(self, scale: torch.Tensor) -> torch.Tensor:
+        """The bias of least error for ``scale``."""
+        return self.b0 - _ratio(self.sq, self.sw) * (scale - self.s0)
+
+    @staticmethod
+    def concat(*parts: _CodeSets) -> _CodeSets:
+        out = object.__new__(_CodeSets)
+        for name in ("s0", "b0", "c", "sqq", "sq", "sw"):
+            setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
+        return out
+
+    def take(self, k: torch.Tensor) -> _CodeSets:
+        """The model of code set ``k`` (``[N, n_sub]``) of every sub-block, as a single set."""
+        out = object.__new__(_CodeSets)
+        for name in ("s0", "b0", "c", "sqq", "sq", "sw"):
+            setattr(out, name, _take(getattr(self, name), k)[None])
+        return out
+
+
+def _best_set(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest error over the code sets ``[K, N, n_sub]`` and the index of its set, ``[N, n_sub]`` each.
+
+    A loop over the few sets: torch's ``argmin`` over a leading dimension is very slow on CPU.
+    """
+    best, k = err[0], torch.zeros_like(err[0], dtype=torch.uint8)
+    for i in range(1, err.shape[0]):
+        better = err[i] < best
+        best, k = torch.where(better, err[i], best), torch.where(better, i, k)
+    return best, k
+
+
+def _take(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[K, N, n_sub]`` at code set ``k`` ``[N, n_sub]``."""
+    out = t[0]
+    for i in range(1, t.shape[0]):
+        out = torch.where(k == i, t[i], out)
+    return out
 
 
 class _BestFit:
-    """The per-block best ``_Fit`` offered so far, ranked by the fixed-code error summed over the block."""
+    """The per-block best ``_Fit`` offered so far and its error ``[N]``."""
 
-    def __init__(self, stats: _CodeStats):
-        self.stats = stats
+    def __init__(self):
         self.fit: _Fit | None = None
         self.err: torch.Tensor | None = None
 
-    def offer(self, fit: _Fit) -> None:
-        err = self.stats.error(fit.scale, fit.bias).sum(-1)
+    def offer(self, fit: _Fit, err: torch.Tensor) -> None:
         if self.fit is None:
             self.fit, self.err = fit, err
         else:
@@ -125,17 +183,24 @@ class _BestFit:
 class KQuantFormat(GridFormat):
     """A K-quant: ``sc`` in ``[sc_min, sc_max]``; affine types also have ``m`` in ``[0, m_max]``."""
 
-    def __init__(self, name: str, sub_block: int, qmin: int, qmax: int, sc_min: int, sc_max: int, m_max: int = 0):
+    def __init__(
+        self, name: str, sub_block: int, qmin: int, qmax: int, sc_min: int, sc_max: int, m_max: int = 0,
+        clips: tuple[float, ...] = (),
+    ):
         self.qtype = QUANT_TYPES[name]
         self.sub_block, self.qmin, self.qmax = sub_block, qmin, qmax
         self.sc_min, self.sc_max, self.m_max = sc_min, sc_max, m_max
+        # The affine float search also tries ranges clipped by these fractions (``search_affine_scale``):
+        # about half a grid step (the grid's offset matters) and more (an unimportant extreme value). Each
+        # fraction costs 33 candidates; these gained 1-3% of error over Gaussian and Student-t weights.
+        self.clips = clips
 
-    # Candidate super-scales put the largest sub-scale (or min) at ``t`` integer steps, ``t`` from 3/4 of the
-    # integer range to just past its end (that rounds the largest down to the end, which can pay off when
-    # it is an outlier); a least-squares refit follows each candidate. Alternating rounds of the
-    # fixed-code search and the re-rounded sub-block moves: the error hardly changes after the third.
-    n_candidates = 16
-    rounds = 3
+    # Candidate super-scales put the largest sub-scale (or min) of a float fit at ``t`` integer steps, ``t``
+    # from 3/4 of the integer range to just past its end (that rounds the largest down to the end, which can
+    # pay off when it is an outlier), each followed by a least-squares refit. One more round, after the
+    # re-rounded sub-block moves, gains a few tenths of a percent; a second round much less.
+    n_candidates = 12
+    rounds = 1
 
     @property
     def affine(self) -> bool:
@@ -149,97 +214,107 @@ class KQuantFormat(GridFormat):
     def choose_scales(self, block: torch.Tensor, importance: torch.Tensor) -> BlockScales:
         x, w = self.sub_blocks(block), self.sub_blocks(importance)
         if self.affine:
-            scale, bias = search_affine_scale(x, w, self.qmax, nonpositive_bias=True)
+            scale, bias = search_affine_scale(x, w, self.qmax, nonpositive_bias=True, n_candidates=21, clips=self.clips)
+            float_codes = [self._codes(x, scale, bias)]
         else:
-            scale = search_symmetric_scale(x, w, self.qmin, self.qmax)
-            bias = torch.zeros_like(scale)
-        fit = None
+            # A sub-block's best sign depends on the super-block: the grid and the integer scales are one
+            # longer on the negative side, so the block's largest values fit finest with both negative. Keep
+            # the best codes of either sign and let the super-scale search choose per sub-block.
+            zero = torch.zeros_like(x[..., 0])
+            float_codes = [
+                self._codes(x, search_symmetric_scale(x, w, self.qmin, self.qmax, ends=(end,)), zero)
+                for end in (self.qmin, self.qmax)
+            ]
+        float_sets = _CodeSets(x, w, float_codes, self.affine)
+        fit = self._search(float_sets, float_sets, None)
         for _ in range(self.rounds):
-            stats = _CodeStats(x, w, self._codes(x, scale, bias))
-            fit = self._fit_affine(stats, scale, bias, fit) if self.affine else self._fit_symmetric(stats, scale, fit)
             fit = self._step_sub_scales(x, w, fit)
-            scale, bias = fit.scale, fit.bias
-        return self._block_scales(fit)
+            current = _CodeSets(x, w, [self._codes(x, fit.scale, fit.bias)], self.affine)
+            fit = self._search(_CodeSets.concat(current, float_sets), float_sets, fit)
+        return self._block_scales(self._step_sub_scales(x, w, fit))
 
     def _codes(self, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return round_codes(x, scale[..., None], bias[..., None], self.qmin, self.qmax)
 
-    def _fit_symmetric(self, st: _CodeStats, scale: torch.Tensor, current: _Fit | None) -> _Fit:
-        """Best ``d`` and ``sc`` for the fixed codes: ``min sum_j sqq_j (d sc_j - target_j)^2``."""
-        target = torch.where(st.sqq > 0, st.sqx / st.sqq.clamp_min(1e-300), scale.double()).float()
-        ref = target.gather(-1, target.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        best = _BestFit(st)
+    def _search(self, sets: _CodeSets, float_sets: _CodeSets, current: _Fit | None) -> _Fit:
+        """The stored parameters of least modelled error; the candidates scale the float fits' largest
+        sub-block scales (and mins), ``current`` (if any) is one of them."""
+        best = _BestFit()
         if current is not None:
-            best.offer(current)
-        # Either sign of d: the integer range is one longer on the negative side, as the codes' grid is.
-        for t in self._ends(self.sc_max) + [-t for t in self._ends(-self.sc_min)]:
+            best.offer(current, _best_set(sets.error(current.scale, current.bias))[0].sum(-1))
+        if self.affine:
+            self._search_affine(sets, float_sets, best)
+        else:
+            self._search_symmetric(sets, float_sets, best)
+        return best.fit
+
+    def _search_symmetric(self, sets: _CodeSets, float_sets: _CodeSets, best: _BestFit) -> None:
+        """``d`` and ``sc`` minimising ``sum_j min_k c_kj + sqq_kj (d sc_j - s0_kj)^2``."""
+        # Either sign of d: each sub-block then takes the code set (so the sign) that suits d best.
+        ends = self._ends(self.sc_max) + [-t for t in self._ends(-self.sc_min)]
+        for ref, t in itertools.product(float_sets.s0.abs().amax(-1), ends):
             d = _fp16(ref / t)
             for _ in range(2):  # round the sub-scales, refit d to them, round again
-                sc = torch.round(_ratio(target, d[:, None])).clamp_(self.sc_min, self.sc_max)
-                best.offer(_Fit(d, sc))
-                d = _fp16(_ratio((sc * st.sqx).sum(-1), (sc * sc * st.sqq).sum(-1)))
-        return best.fit
+                sc = torch.round(_ratio(sets.s0, d[:, None])).clamp_(self.sc_min, self.sc_max)
+                err, k = _best_set(sets.error(d[:, None] * sc))
+                sc = _take(sc, k)
+                best.offer(_Fit(d, sc), err.sum(-1))
+                sqq = _take(sets.sqq, k)
+                d = _fp16(_ratio((sc * sqq * _take(sets.s0, k)).sum(-1), (sc * sc * sqq).sum(-1)))
 
-    def _fit_affine(self, st: _CodeStats, scale: torch.Tensor, bias: torch.Tensor, current: _Fit | None) -> _Fit:
-        """Best ``d, dmin, sc, m`` for the fixed codes, by coordinate search over ``d`` and ``dmin``."""
-        # The unconstrained least-squares (scale, bias) of each sub-block for its codes; where the codes do
-        # not determine both (all equal), the current ones.
-        det = st.sw * st.sqq - st.sq * st.sq
-        ok = det > 1e-9 * st.sw * st.sqq
-        s_target = torch.where(ok, (st.sw * st.sqx - st.sq * st.sx) / torch.where(ok, det, 1.0), scale.double())
-        b_target = torch.where(ok, (st.sx - s_target * st.sq) / torch.where(ok, st.sw, 1.0), bias.double())
-        s_ref = s_target.float().clamp_min(0).max(-1).values
-        m_ref = (-b_target).float().clamp_min(0).max(-1).values
+    def _search_affine(self, sets: _CodeSets, float_sets: _CodeSets, best: _BestFit) -> None:
+        """``d, dmin, sc, m`` by coordinate search: ``d`` for the current (or a first) ``dmin``, then ``dmin``
+        for the best ``d``, then both refit by least squares."""
+        s_refs = float_sets.s0.clamp_min(0).amax(-1)
+        m_refs = (-float_sets.b0).clamp_min(0).amax(-1)
+        dmin = _fp16(m_refs.amax(0) / self.m_max) if best.fit is None else best.fit.dmin
+        for s_ref, t in itertools.product(s_refs, self._ends(self.sc_max)):
+            best.offer(*self._sub_scales_affine(sets, _fp16(s_ref / t), dmin)[:2])
+        d = best.fit.d
+        for m_ref, t in itertools.product(m_refs, self._ends(self.m_max)):
+            best.offer(*self._sub_scales_affine(sets, d, _fp16(m_ref / t))[:2])
+        fit, _, chosen = self._sub_scales_affine(sets, best.fit.d, best.fit.dmin)
+        best.offer(*self._sub_scales_affine(sets, *self._refit_affine(fit, chosen))[:2])
 
-        best = _BestFit(st)
-        if current is None:
-            d, dmin = _fp16(s_ref / self.sc_max), _fp16(m_ref / self.m_max)
-        else:
-            best.offer(current)
-            d, dmin = current.d, current.dmin
-        for _ in range(2):
-            for t in self._ends(self.sc_max):
-                best.offer(self._sub_scales_affine(st, s_target, _fp16(s_ref / t), dmin))
-            d = best.fit.d
-            for t in self._ends(self.m_max):
-                best.offer(self._sub_scales_affine(st, s_target, d, _fp16(m_ref / t)))
-            d, dmin = self._refit_affine(st, best.fit)
-            best.offer(self._sub_scales_affine(st, s_target, d, dmin))
-            d, dmin = best.fit.d, best.fit.dmin
-        return best.fit
-
-    def _sub_scales_affine(self, st: _CodeStats, s_target: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor) -> _Fit:
-        """For given ``d, dmin``, the best ``sc`` (the nearest to the target, or one step off) and, for each,
-        the best ``m`` (the nearest to the least-squares bias given the scale) of every sub-block."""
-        sc0 = torch.round(_ratio(s_target.float(), d[:, None]))
-        best_err, best = None, None
+    def _sub_scales_affine(
+        self, sets: _CodeSets, d: torch.Tensor, dmin: torch.Tensor
+    ) -> tuple[_Fit, torch.Tensor, _CodeSets]:
+        """For given ``d, dmin``: the best ``sc`` (the nearest to the code set's scale, or one step off) and for
+        each the best ``m`` (the nearest to the best bias for that scale) of every sub-block, over the code
+        sets; their error per block, and the model of the code set each sub-block took."""
+        sc0 = torch.round(_ratio(sets.s0, d[:, None]))
+        best_err = best_sc = best_m = None
         for step in (-1, 0, 1):
             sc = (sc0 + step).clamp_(0, self.sc_max)
             s = d[:, None] * sc
-            b = torch.where(st.sw > 0, (st.sx - s.double() * st.sq) / st.sw.clamp_min(1e-300), 0.0).float()
-            m = torch.round(_ratio(-b, dmin[:, None])).clamp_(0, self.m_max)
-            fit = _Fit(d, sc, dmin, m)
-            err = st.error(fit.scale, fit.bias)
-            if best is None:
-                best_err, best = err, fit
+            m = torch.round(_ratio(-sets.best_bias(s), dmin[:, None])).clamp_(0, self.m_max)
+            err = sets.error(s, -(dmin[:, None] * m))
+            if best_err is None:
+                best_err, best_sc, best_m = err, sc, m
             else:
                 better = err < best_err
-                best_err, best = torch.where(better, err, best_err), fit.where(better, best)
-        return best
+                best_err = torch.where(better, err, best_err)
+                best_sc, best_m = torch.where(better, sc, best_sc), torch.where(better, m, best_m)
+        err, k = _best_set(best_err)
+        return _Fit(d, _take(best_sc, k), dmin, _take(best_m, k)), err.sum(-1), sets.take(k)
 
-    def _refit_affine(self, st: _CodeStats, fit: _Fit) -> tuple[torch.Tensor, torch.Tensor]:
-        """Least-squares ``(d, dmin >= 0)`` for the block's integers ``sc, m`` and fixed codes, rounded to fp16."""
-        sc, m = fit.sc.double(), fit.m.double()
-        a = (sc * sc * st.sqq).sum(-1)
-        b = (m * m * st.sw).sum(-1)
-        c = (sc * m * st.sq).sum(-1)
-        r1, r2 = (sc * st.sqx).sum(-1), (m * st.sx).sum(-1)
-        det = a * b - c * c
-        ok = det > 1e-9 * a * b
-        d = torch.where(ok, (r1 * b - c * r2) / torch.where(ok, det, 1.0), fit.d.double())
-        dmin = torch.where(ok, (c * r1 - a * r2) / torch.where(ok, det, 1.0), fit.dmin.double())
-        # A negative dmin would turn every min into a positive offset: drop the mins' term and refit d alone.
-        d = torch.where(dmin < 0, _ratio(r1, a), d)
+    def _refit_affine(self, fit: _Fit, chosen: _CodeSets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Least-squares ``(d, dmin >= 0)`` for the block's integers ``sc, m`` in the sub-blocks' chosen code
+        set models, rounded to fp16: the scale is ``d sc`` and the bias ``-dmin m``."""
+        sc, m = fit.sc, fit.m
+        sqq, sq, sw, s0, b0 = chosen.sqq[0], chosen.sq[0], chosen.sw[0], chosen.s0[0], chosen.b0[0]
+        # Normal equations of the model's error in (d, dmin): [[a11, a12], [a12, a22]] (d, dmin) = (r1, r2).
+        a11 = (sc * sc * sqq).sum(-1)
+        a22 = (m * m * sw).sum(-1)
+        a12 = -(sc * m * sq).sum(-1)
+        r1 = (sc * (sqq * s0 + sq * b0)).sum(-1)
+        r2 = -(m * (sq * s0 + sw * b0)).sum(-1)
+        det = a11 * a22 - a12 * a12
+        ok = det > 1e-6 * a11 * a22
+        d = torch.where(ok, _ratio(r1 * a22 - a12 * r2, det), fit.d)
+        dmin = torch.where(ok, _ratio(a11 * r2 - a12 * r1, det), fit.dmin)
+        # A negative dmin would turn every min into a positive offset: drop the mins and refit d alone.
+        d = torch.where(dmin < 0, _ratio(r1, a11), d)
         return _fp16(d), _fp16(dmin.clamp_min(0))
 
     def _step_sub_scales(self, x: torch.Tensor, w: torch.Tensor, fit: _Fit) -> _Fit:
@@ -264,6 +339,8 @@ class KQuantFormat(GridFormat):
         return (w * (x - (scale * q + bias)) ** 2).sum(-1)
 
     def _block_scales(self, fit: _Fit) -> BlockScales:
+        """``fields``: ``d``, ``scales`` (the integer ``sc``, signed for Q3_K/Q6_K: Q3_K's packer adds the
+        stored +32) and, for the affine types, ``dmin`` and ``mins``."""
         fields = {"d": fit.d, "scales": fit.sc.to(torch.int64)}
         if self.affine:
             fields.update(dmin=fit.dmin, mins=fit.m.to(torch.int64))
@@ -302,7 +379,7 @@ def _unpack_k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Q2KFormat(KQuantFormat):
     def __init__(self):
-        super().__init__("Q2_K", sub_block=16, qmin=0, qmax=3, sc_min=0, sc_max=15, m_max=15)
+        super().__init__("Q2_K", sub_block=16, qmin=0, qmax=3, sc_min=0, sc_max=15, m_max=15, clips=(0.1, 0.2))
 
     def pack(self, codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:
         f = scales.fields
@@ -338,8 +415,8 @@ class Q3KFormat(KQuantFormat):
 class Q45KFormat(KQuantFormat):
     """Q4_K and Q5_K: the same scales; Q5_K adds the codes' 5th bits before the nibbles."""
 
-    def __init__(self, name: str, bits: int):
-        super().__init__(name, sub_block=32, qmin=0, qmax=2**bits - 1, sc_min=0, sc_max=63, m_max=63)
+    def __init__(self, name: str, bits: int, clips: tuple[float, ...]):
+        super().__init__(name, sub_block=32, qmin=0, qmax=2**bits - 1, sc_min=0, sc_max=63, m_max=63, clips=clips)
         self.bits = bits
 
     def pack(self, codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:
@@ -381,5 +458,11 @@ class Q6KFormat(KQuantFormat):
 
 KQUANT_FORMATS = {
     f.qtype.name: f
-    for f in (Q6KFormat(), Q45KFormat("Q5_K", 5), Q45KFormat("Q4_K", 4), Q3KFormat(), Q2KFormat())
+    for f in (
+        Q6KFormat(),
+        Q45KFormat("Q5_K", 5, clips=(0.015, 0.03, 0.1)),
+        Q45KFormat("Q4_K", 4, clips=(0.03, 0.1, 0.2)),
+        Q3KFormat(),
+        Q2KFormat(),
+    )
 }

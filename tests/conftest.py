@@ -1,0 +1,28 @@
+"""Shared fixtures: the pinned llama.cpp build and seeded tiny Mixtral checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOKENIZER = SHARED / "tokenizers" / "tok512" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama_build():
+    """The pinned, patched llama.cpp (built on first use, then cached; CI builds it before the tests)."""
+    from mc2gguf.llama_build import build_llama
+
+    return build_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """A seeded random Mixtral (hidden 256, experts 512, 2 layers, 4 experts, top-2) in 8 shards."""
+    from mc2gguf.testmodel import build_tiny_mixtral
+
+    if not TOKENIZER.is_file():
+        pytest.fail(f"the shared tokenizer {TOKENIZER} is missing (../shared must sit beside the checkout)")
+    return build_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"), TOKENIZER, seed=0)

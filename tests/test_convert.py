@@ -1,0 +1,92 @@
+"""``mc2gguf convert`` end to end: llama.cpp runs what we write, and it matches transformers and upstream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from mc2gguf.convert import convert
+from mc2gguf.gguf_in import dequantized_checkpoint
+from mc2gguf.gguf_out import read_metadata
+from mc2gguf.llama_runtime import llama_logits
+from mc2gguf.qtypes import QUANT_TYPES, quant_type
+
+PROMPT = "Once upon a time there was a little dog who liked to play in the park with a red ball."
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_mixtral) -> list[int]:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_mixtral / "tokenizer.model"))
+    return [1, *sp.encode(PROMPT)]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_mixtral, tokens) -> np.ndarray:
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16"])
+def test_llama_cpp_logits_match_transformers(tiny_mixtral, tmp_path, llama_build, tokens, reference_logits, type_name):
+    out = convert(tiny_mixtral, tmp_path / "m.gguf", quant_type(type_name)).out
+    logits = llama_logits(out, tokens)
+    assert logits.shape == reference_logits.shape
+    assert np.abs(logits - reference_logits).max() < 2e-2
+    assert (logits.argmax(-1) == reference_logits.argmax(-1)).all()
+
+
+def test_metadata_and_tensors_equal_upstream_converter(tiny_mixtral, tmp_path, llama_build):
+    import subprocess
+    import sys
+
+    upstream = tmp_path / "upstream.gguf"
+    subprocess.run(
+        [sys.executable, str(llama_build.source_dir / "convert_hf_to_gguf.py"), str(tiny_mixtral),
+         "--outtype", "f16", "--outfile", str(upstream)],
+        check=True, capture_output=True,
+    )
+    ours = convert(tiny_mixtral, tmp_path / "ours.gguf", quant_type("F16")).out
+    up_kv = {kv.key: (kv.vtype, kv.value) for kv in read_metadata(upstream)}
+    our_kv = {kv.key: (kv.vtype, kv.value) for kv in read_metadata(ours)}
+    assert our_kv.keys() == up_kv.keys()
+    for key in up_kv:
+        assert our_kv[key] == up_kv[key], key
+    assert len(up_kv["tokenizer.ggml.tokens"][1]) == 512
+    up_t = {t.name: t for t in GGUFReader(upstream).tensors}
+    our_t = {t.name: t for t in GGUFReader(ours).tensors}
+    assert our_t.keys() == up_t.keys()
+    for name, t in up_t.items():
+        assert (our_t[name].tensor_type, list(our_t[name].shape)) == (t.tensor_type, list(t.shape)), name
+        assert np.array_equal(np.asarray(our_t[name].data), np.asarray(t.data)), name
+
+
+def test_expected_size_is_exact(tiny_mixtral, tmp_path):
+    result = convert(tiny_mixtral, tmp_path / "m.gguf", quant_type("Q4_K"))
+    assert result.out.stat().st_size == result.size
+
+
+@pytest.mark.parametrize("type_name", [n for n in QUANT_TYPES if n not in ("F32", "F16")])
+def test_llama_cpp_runs_every_type(tiny_mixtral, tmp_path, llama_build, tokens, type_name):
+    """llama.cpp computes what the file holds: its logits track transformers run on the file's own
+    dequantized weights (a misread block layout would decorrelate them)."""
+    from transformers import MixtralForCausalLM
+
+    out = convert(tiny_mixtral, tmp_path / "m.gguf", quant_type(type_name)).out
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == type_name
+    assert types["blk.1.attn_q.weight"] == type_name
+    logits = llama_logits(out, tokens)
+    assert np.isfinite(logits).all()
+    model = MixtralForCausalLM.from_pretrained(dequantized_checkpoint(out, tiny_mixtral, tmp_path / "deq"),
+                                               dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+    assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > 0.98
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.75
