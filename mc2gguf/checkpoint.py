@@ -2,22 +2,27 @@
 
 Opening a checkpoint reads only ``config.json`` and the safetensors headers, and checks every shard
 against its header (so a truncated or corrupt shard fails before any work, with its name in the message).
-Tensor data is read on demand.
+Tensor data is read on demand with plain reads of the byte range the header gives: safetensors' own
+loader maps the whole shard and its tensors keep the mapping alive, so peak address space would grow with
+shard size (Mixtral's are 5 GB) instead of with the tensor being converted.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import Mc2ggufError
 
 _HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class TensorRef:
     shard: Path
     shape: tuple[int, ...]
     dtype: str
+    offset: int  # of the tensor's first byte in the shard file
+    nbytes: int
 
 
 def _read_header(shard: Path) -> dict[str, TensorRef]:
@@ -47,10 +54,16 @@ def _read_header(shard: Path) -> dict[str, TensorRef]:
         if name == "__metadata__":
             continue
         try:
-            start, end = info["data_offsets"]
-            refs[name] = TensorRef(name, shard, tuple(info["shape"]), info["dtype"])
-        except (KeyError, TypeError, ValueError):
+            start, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            dtype = _DTYPES[info["dtype"]]
+        except KeyError:
+            raise Mc2ggufError(f"{shard}: tensor {name} has unsupported dtype {info.get('dtype')!r}") from None
+        except (TypeError, ValueError, AttributeError):
             raise Mc2ggufError(f"corrupt shard {shard}: bad header entry for {name!r}") from None
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise Mc2ggufError(f"corrupt shard {shard}: {name}'s byte range does not match its shape")
+        refs[name] = TensorRef(name, shard, shape, info["dtype"], 8 + header_len + start, end - start)
         if end > data_size:
             raise Mc2ggufError(
                 f"truncated shard {shard}: tensor {name} ends at byte {end} of the data section, "
@@ -112,10 +125,15 @@ class Checkpoint:
             raise Mc2ggufError(f"{self.path}: tensor {name} is missing from the checkpoint") from None
 
     def load(self, name: str) -> torch.Tensor:
-        """One tensor, as float32 (``framework="pt"`` because numpy cannot read bf16)."""
+        """One tensor, as float32."""
         ref = self.ref(name)
+        buffer = bytearray(ref.nbytes)
         try:
-            with safe_open(ref.shard, framework="pt") as f:
-                return f.get_tensor(name).to(torch.float32)
-        except (OSError, SafetensorError) as e:
-            raise Mc2ggufError(f"cannot read {name} from {ref.shard}: {e}") from None
+            with open(ref.shard, "rb") as f:
+                f.seek(ref.offset)
+                if f.readinto(buffer) != ref.nbytes:
+                    raise Mc2ggufError(f"truncated shard {ref.shard}: cannot read all of {name}")
+        except OSError as e:
+            raise Mc2ggufError(f"cannot read {name} from {ref.shard}: {e.strerror or e}") from None
+        tensor = torch.frombuffer(buffer, dtype=_DTYPES[ref.dtype]).reshape(ref.shape)
+        return tensor.to(torch.float32)

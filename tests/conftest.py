@@ -19,10 +19,16 @@ def llama_build():
 
 
 @pytest.fixture(scope="session")
-def tiny_mixtral(tmp_path_factory) -> Path:
-    """A seeded random Mixtral (hidden 256, experts 512, 2 layers, 4 experts, top-2) in 8 shards."""
-    from mc2gguf.testmodel import build_tiny_mixtral
-
+def tokenizer_model() -> Path:
+    """The shared 512-piece SentencePiece model (``../shared`` sits beside the checkout, in CI too)."""
     if not TOKENIZER.is_file():
         pytest.fail(f"the shared tokenizer {TOKENIZER} is missing (../shared must sit beside the checkout)")
-    return build_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"), TOKENIZER, seed=0)
+    return TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory, tokenizer_model) -> Path:
+    """A seeded random Mixtral (hidden 256, experts 512, 2 layers, 4 experts, top-2), one shard per layer."""
+    from mc2gguf.testmodel import build_tiny_mixtral
+
+    return build_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"), tokenizer_model, seed=0)

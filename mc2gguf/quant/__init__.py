@@ -21,7 +21,7 @@ from .ternary import TERNARY_FORMATS
 GRID_FORMATS: dict[str, GridFormat] = {**LEGACY_FORMATS, **TERNARY_FORMATS, **KQUANT_FORMATS}
 
 # Blocks quantized per step: bounds the scale searches' temporaries to a few hundred MB whatever the tensor.
-_BLOCKS_PER_CHUNK = 1 << 14
+_BLOCKS_PER_CHUNK = 1 << 12
 
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

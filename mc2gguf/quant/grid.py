@@ -134,6 +134,8 @@ def search_symmetric_scale(
     zero = torch.zeros_like(signed_max)
     best = _Best(signed_max)
     for end in set(ends or (qmax, qmin)) - {0}:
+        # From the finest scale: on a tie (a group whose error is flat over a range of scales, such as one
+        # value far above the rest) the finest wins, which leaves a K-quant's super-block scale finest too.
         for step in torch.linspace(1.0, -1.0, n_candidates).tolist():
             inv = _safe_inverse(signed_max / (end + step if end > 0 else end - step))
             q = torch.round(x * inv.unsqueeze(-1)).clamp_(qmin, qmax)
@@ -171,8 +173,8 @@ def search_affine_scale(
 
     ``nonpositive_bias`` is the K-quant constraint: they store ``-bias`` as an unsigned minimum. The candidate
     grids span the values' range; each fraction in ``clips`` adds grids that leave that fraction of the span
-    out at the low end, the high end and both (11 candidates each): with uneven importance, giving up an
-    unimportant extreme value often pays, and the refits alone rarely move that far.
+    out at the low end, the high end and both (7 candidates each): a grid offset by a fraction of a step, or
+    one that gives up an unimportant extreme value, often fits better, and the refits alone rarely get there.
     """
     lo = x.min(-1).values
     if nonpositive_bias:
@@ -183,7 +185,7 @@ def search_affine_scale(
     ranges = [(0.0, 0.0, n_candidates)]  # (fraction left out at the low end, at the high end, candidates)
     for c in clips:
         ranges += [(c, 0.0, 7), (0.0, c, 7), (c, c, 7)]
-    for low, high, n in ranges:
+    for low, high, n in ranges:  # each from the finest scale, as in search_symmetric_scale
         start, width = lo + low * span, span * (1.0 - low - high)
         for step in torch.linspace(1.0, -1.0, n).tolist():
             inv = _safe_inverse(width / (qmax + step))

@@ -192,7 +192,7 @@ class KQuantFormat(GridFormat):
         self.sc_min, self.sc_max, self.m_max = sc_min, sc_max, m_max
         # The affine float search also tries ranges clipped by these fractions (``search_affine_scale``):
         # about half a grid step (the grid's offset matters) and more (an unimportant extreme value). Each
-        # fraction costs 33 candidates; these gained 1-3% of error over Gaussian and Student-t weights.
+        # fraction costs 21 candidates; these gained 1-3% of error over Gaussian and Student-t weights.
         self.clips = clips
 
     # Candidate super-scales put the largest sub-scale (or min) of a float fit at ``t`` integer steps, ``t``
@@ -214,7 +214,11 @@ class KQuantFormat(GridFormat):
     def choose_scales(self, block: torch.Tensor, importance: torch.Tensor) -> BlockScales:
         x, w = self.sub_blocks(block), self.sub_blocks(importance)
         if self.affine:
-            scale, bias = search_affine_scale(x, w, self.qmax, nonpositive_bias=True, n_candidates=21, clips=self.clips)
+            # Half the shared search's default candidates do as well here: the super-scale search re-chooses
+            # every scale anyway.
+            scale, bias = search_affine_scale(
+                x, w, self.qmax, nonpositive_bias=True, n_candidates=21, clips=self.clips
+            )
             float_codes = [self._codes(x, scale, bias)]
         else:
             # A sub-block's best sign depends on the super-block: the grid and the integer scales are one

@@ -1,0 +1,44 @@
+"""Conversion streams: a checkpoint larger than the process's memory cap still converts.
+
+The child process caps its address space (RLIMIT_AS) at its size after imports plus CAP, a bit more than
+one layer of the test model, then converts a model about twice CAP in size.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from mc2gguf.testmodel import TinyMixtralConfig, build_tiny_mixtral
+
+CONFIG = TinyMixtralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=2, num_local_experts=8)
+LAYER_BYTES = 4 * (3 * 8 * 1024 * 2048 + 2 * 1024 * 1024 + 2 * 256 * 1024)  # fp32 experts + attention
+CAP = 2 * LAYER_BYTES
+
+CHILD = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    from mc2gguf.convert import convert
+    from mc2gguf.qtypes import quant_type
+    from mc2gguf.upstream import upstream_metadata
+
+    src, out, cap = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    upstream_metadata(src)  # runs llama.cpp's converter in a subprocess; cached for convert() below
+    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + cap, vm + cap))
+    convert(src, out, quant_type(sys.argv[4]))
+    print("peak-rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+
+
+def test_conversion_fits_a_memory_cap_smaller_than_the_model(tmp_path, tokenizer_model):
+    model = build_tiny_mixtral(tmp_path / "model", tokenizer_model, config=CONFIG)
+    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    assert model_bytes > 2 * CAP
+    out = tmp_path / "out.gguf"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), str(CAP), "Q8_0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > model_bytes / 4  # Q8_0 of an fp32 model: about 0.27x
