@@ -7,9 +7,10 @@ into 3D tensors ``blk.N.ffn_{gate,up,down}_exps`` (checkpoint ``w1``, ``w3``, ``
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import Mc2ggufError
-from . import ArchAdapter, MoEShape, Role, TensorSpec
+from . import ArchAdapter, ExpertWeights, LayerWeights, MoEShape, Role, TensorSpec
 
 # GGUF projection name -> checkpoint expert weight name
 EXPERT_PROJECTIONS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
@@ -42,6 +43,10 @@ class MixtralAdapter(ArchAdapter):
             )
             self.n_head = int(cfg["num_attention_heads"])
             self.n_head_kv = int(cfg.get("num_key_value_heads", self.n_head))
+            self.head_dim = int(cfg.get("head_dim") or self._moe.hidden_size // self.n_head)
+            self.rms_eps = float(cfg.get("rms_norm_eps", 1e-5))
+            # transformers >= 5 nests it in rope_parameters; older checkpoints keep it at the top level
+            self.rope_theta = float((cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta", 1e6))
         except (KeyError, TypeError, ValueError) as e:
             raise Mc2ggufError(f"{checkpoint.path / 'config.json'}: missing or bad Mixtral field {e}") from None
 
@@ -94,3 +99,68 @@ class MixtralAdapter(ArchAdapter):
         if self.checkpoint.has("lm_head.weight"):  # absent when the embeddings are tied, as upstream
             specs.append(self._plain("output.weight", "lm_head.weight", Role.OUTPUT, None))
         return specs
+
+    # --- forward ----------------------------------------------------------------------------------------
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.rms_eps) * weight
+
+    def _rope(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding in Hugging Face's rotate-half layout; ``x`` is ``[B, heads, S, head_dim]``."""
+        seq, dim = x.shape[-2], x.shape[-1]
+        inv_freq = 1.0 / self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
+        return x * cos + rotated * sin
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.checkpoint.load("model.embed_tokens.weight"))
+
+    def load_layer(self, index: int) -> LayerWeights:
+        hf = f"model.layers.{index}"
+        names = {
+            "input_norm": f"{hf}.input_layernorm.weight",
+            "q": f"{hf}.self_attn.q_proj.weight",
+            "k": f"{hf}.self_attn.k_proj.weight",
+            "v": f"{hf}.self_attn.v_proj.weight",
+            "o": f"{hf}.self_attn.o_proj.weight",
+            "post_norm": f"{hf}.post_attention_layernorm.weight",
+            "router": f"{hf}.block_sparse_moe.gate.weight",
+        }
+        tensors = {key: self.checkpoint.load(name) for key, name in names.items()}
+        experts = [
+            ExpertWeights(*(self.checkpoint.load(f"{hf}.block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w3", "w2")))
+            for e in range(self.moe.n_experts)
+        ]
+        return LayerWeights(index, tensors, experts)
+
+    def attention_block(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        t = layer.tensors
+        b, s, _ = h.shape
+        x = self._rms_norm(h, t["input_norm"])
+        q = (x @ t["q"].T).view(b, s, self.n_head, self.head_dim).transpose(1, 2)
+        k = (x @ t["k"].T).view(b, s, self.n_head_kv, self.head_dim).transpose(1, 2)
+        v = (x @ t["v"].T).view(b, s, self.n_head_kv, self.head_dim).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(self._rope(q), self._rope(k), v, is_causal=True, enable_gqa=True)
+        return h + attn.transpose(1, 2).reshape(b, s, -1) @ t["o"].T
+
+    def moe_input(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        return self._rms_norm(h, layer.tensors["post_norm"])
+
+    def router_logits(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        return x @ layer.tensors["router"].T
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixtral: softmax over all experts, top-k, renormalise the k weights."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.moe.top_k, dim=-1)
+        return ids, weights / weights.sum(-1, keepdim=True)
+
+    def expert_activation(self, expert: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x @ expert.gate.T) * (x @ expert.up.T)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self._rms_norm(h, self.checkpoint.load("model.norm.weight"))
+        name = "lm_head.weight" if self.checkpoint.has("lm_head.weight") else "model.embed_tokens.weight"
+        return h @ self.checkpoint.load(name).T

@@ -1,0 +1,100 @@
+"""Stage 2: run the model layer by layer on calibration tokens and measure what PMQ and ODP need.
+
+Per MoE layer (holding one layer's weights at a time):
+- ``phi_i``: expert i's share of the top-k selections;
+- ``w_i``: its mean (renormalised) routing weight over the tokens that select it, so frequency and weight
+  are separate factors of the allocation objective;
+- ``mu``: the median of ``w1/w0`` over tokens (ODP's threshold), and quantiles of the router input's L1
+  norm (ODP's decode-time protection threshold);
+- per expert, Hessians of the inputs of its projections from the tokens routed to it, each token weighted
+  by its routing weight squared: the expert's contribution to the layer output is ``w * E(x)``, so this is
+  the Hessian of the MoE output error (GPTQ's objective), not of the expert's unweighted output;
+- a seeded sample of each expert's routed inputs and weights, on which ``eps`` is measured.
+
+An expert that no calibration token selects is reported; it falls back to every token of the layer with
+weight 1 for its Hessian and error sample, and to half a selection for ``phi``, so it gets a sane type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .archs import ArchAdapter, LayerWeights
+
+NORM_QUANTILES = torch.linspace(0.0, 1.0, 101)
+
+
+@dataclass
+class ExpertCalibration:
+    n_routed: int
+    hessians: dict[str, torch.Tensor]  # input Hessian of each projection (gate and up share theirs)
+    sample_x: torch.Tensor  # [n, H] routed inputs, a seeded subset
+    sample_w: torch.Tensor  # [n] their routing weights
+
+
+@dataclass
+class LayerCalibration:
+    index: int
+    n_tokens: int
+    phi: list[float]
+    mean_weight: list[float]
+    mu: float
+    router_norm_quantiles: list[float]  # L1 norm of the router input at NORM_QUANTILES
+    unused_experts: list[int]
+    experts: list[ExpertCalibration]
+
+    def significance(self) -> dict:
+        """What the report and the GGUF metadata keep (everything but the Hessians and samples)."""
+        return {
+            "layer": self.index, "n_tokens": self.n_tokens, "phi": self.phi, "mean_weight": self.mean_weight,
+            "mu": self.mu, "router_norm_quantiles": self.router_norm_quantiles, "unused_experts": self.unused_experts,
+        }
+
+
+def _weighted_hessian(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    xw = x * w[:, None]
+    return (xw.T @ xw).double()
+
+
+def calibrate_layer(
+    adapter: ArchAdapter, layer: LayerWeights, h: torch.Tensor, eps_tokens: int, seed: int
+) -> tuple[torch.Tensor, LayerCalibration]:
+    """Run one layer on ``h`` ``[B, S, H]``; return its output and the layer's calibration."""
+    h_attn = adapter.attention_block(layer, h)
+    x = adapter.moe_input(layer, h_attn).reshape(-1, h.shape[-1])
+    routed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    out, ids, weights = adapter.moe_forward(layer, x, lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
+    n_tokens, top_k = ids.shape
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
+    experts, phi, mean_weight, unused = [], [], [], []
+    for e, expert in enumerate(layer.experts):
+        if e in routed:
+            token, w, a = routed.pop(e)
+            xe = x[token]
+            phi.append(token.numel() / (n_tokens * top_k))
+            mean_weight.append(float(w.mean()))
+        else:
+            unused.append(e)
+            xe, w = x, torch.ones(n_tokens)
+            a = adapter.expert_activation(expert, xe)
+            phi.append(0.5 / (n_tokens * top_k))
+            mean_weight.append(1.0 / top_k)
+        h_in = _weighted_hessian(xe, w)
+        hessians = {"gate": h_in, "up": h_in, "down": _weighted_hessian(a, w)}
+        pick = torch.randperm(xe.shape[0], generator=generator)[:eps_tokens]
+        n_routed = 0 if e in unused else xe.shape[0]
+        experts.append(ExpertCalibration(n_routed, hessians, xe[pick].clone(), w[pick].clone()))
+    ratio = weights[:, 1] / weights[:, 0] if top_k > 1 else torch.zeros(n_tokens)
+    calibration = LayerCalibration(
+        index=layer.index,
+        n_tokens=n_tokens,
+        phi=phi,
+        mean_weight=mean_weight,
+        mu=float(ratio.median()),
+        router_norm_quantiles=torch.quantile(x.abs().sum(-1), NORM_QUANTILES).tolist(),
+        unused_experts=unused,
+        experts=experts,
+    )
+    return h_attn + out.reshape(h.shape), calibration

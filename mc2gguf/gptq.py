@@ -1,0 +1,187 @@
+"""GPTQ that rounds onto exactly the grid of the chosen GGUF type, and writes ggml's bytes.
+
+GPTQ (Frantar et al., 2022) quantizes a weight matrix ``W`` ``[rows, cols]`` column by column, minimising
+the output error ``trace((W - Q) H (W - Q)^T)`` for the Hessian ``H = X^T X`` of the layer's inputs: each
+column's rounding error is spread over the columns not yet quantized through the rows of the upper Cholesky
+factor ``U`` of ``H^-1`` (``H^-1 = U^T U``). Updates are applied lazily, inside a batch of ``block_size``
+columns at once per column, and to the columns after the batch once per batch, at every bit width.
+
+What a GGUF type adds:
+
+* Scalar-grid types (``Packer.GRID``): a ggml block (32 or 256 consecutive columns) shares its scales. When
+  GPTQ reaches the first column of a block it chooses the block's scales on the current, error-updated
+  weights (``GridFormat.choose_scales``, importance = the Hessian diagonal), then rounds the block column by
+  column onto that grid (``round_to_grid``). Batches are a multiple of the ggml block, so a block never
+  straddles two batches. The codes and scales are packed with the format's own ``pack``: the bytes written
+  are exactly the values optimised.
+* ``act_order`` (columns in order of decreasing Hessian diagonal) would reach a block's columns scattered
+  over the whole pass, so its scales cannot be chosen "when the block starts": every block's scales are
+  chosen upfront on the original weights ("static groups", as in the GPTQ reference's ``static_groups``),
+  then the columns are rounded in act order onto those fixed grids.
+* Codebook (IQ) types (``Packer.CODEBOOK``): ggml's lattice search quantizes a whole 256-column block of a
+  row at once, so GPTQ runs blockwise: each block of all rows goes through ggml's quantizer (importance =
+  the Hessian diagonal of its columns), is dequantized, and its error ``E`` is spread over the later columns
+  as the column-wise updates would be: ``Err = E U_bb^-1`` (the in-block feedback the sequential algorithm
+  would have applied, undone), ``W_later -= Err U_b,later``. ``act_order`` orders the blocks (not the columns)
+  by decreasing Hessian diagonal sum.
+* Float types (F32, F16, BF16) are converted, with no GPTQ.
+
+Dead columns (``H_ii == 0``: the input never fired on the calibration tokens) are decoupled from the
+others (``H_ii`` is set to the mean live diagonal and the row / column of ``H`` is zero anyway), so their
+rounding error neither spreads nor counts. Unlike the reference, which zeroes their weights, they keep
+their weights, rounded with a small importance: an expert that received few calibration tokens (or none:
+``H == 0``, which makes GPTQ round to nearest) must still see its weights on other tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import Mc2ggufError
+from .qtypes import Packer, QuantType
+from .quant import dequantize, grid_format, quantize
+
+# Importance (relative to the mean live Hessian diagonal) of a dead column when choosing scales.
+_DEAD_IMPORTANCE = 1e-3
+_MAX_DAMP_TRIES = 8
+
+
+@dataclass
+class GPTQResult:
+    data: np.ndarray  # ggml bytes [rows, row_bytes] (uint8)
+    weights: torch.Tensor  # [rows, cols] float32: exactly the values ``data`` holds
+    qtype: QuantType
+    damp: float  # the relative dampening actually used (raised above the one asked for if H was not PD)
+
+
+def output_error(weights: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """The Hessian-weighted output error ``trace((W - Q) H (W - Q)^T)``."""
+    e = torch.as_tensor(weights).double() - torch.as_tensor(dequantized).double()
+    return float(((e @ torch.as_tensor(hessian).double()) * e).sum())
+
+
+def rtn_quantize(weights: torch.Tensor, hessian: torch.Tensor, qtype: QuantType) -> GPTQResult:
+    """The baseline: round to nearest with ``mc2gguf.quant.quantize``, importance = the Hessian diagonal."""
+    w = torch.as_tensor(weights).detach().float()
+    importance = None
+    if qtype.packer is not Packer.FLOAT:
+        importance, _ = _importance(torch.as_tensor(hessian).double().diagonal())
+    data = quantize(w, qtype, importance)
+    return GPTQResult(data, dequantize(data, qtype, w.shape[1]), qtype, 0.0)
+
+
+def gptq_quantize(
+    weights: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, damp: float = 0.01, act_order: bool = False,
+    block_size: int = 128,
+) -> GPTQResult:
+    """GPTQ-quantize ``weights`` ``[rows, cols]`` for ``hessian`` ``[cols, cols]`` (``X^T X`` or its mean over the
+    calibration tokens) into ``qtype``; see the module docstring."""
+    w = torch.as_tensor(weights).detach().float().cpu().clone()
+    rows, cols = w.shape
+    if qtype.packer is Packer.FLOAT:
+        data = quantize(w, qtype)
+        return GPTQResult(data, dequantize(data, qtype, cols), qtype, 0.0)
+    if not qtype.fits(cols):
+        raise Mc2ggufError(f"{qtype.name} needs rows that are a multiple of {qtype.block_size}, got {cols}")
+    h = torch.as_tensor(hessian).detach().double().cpu().clone()
+    if h.shape != (cols, cols):
+        raise ValueError(f"the Hessian must be [{cols}, {cols}], got {list(h.shape)}")
+    if not torch.isfinite(h).all() or not torch.isfinite(w).all():
+        raise Mc2ggufError("GPTQ needs finite weights and a finite Hessian")
+    importance, dead = _importance(h.diagonal())
+    h.diagonal()[dead] = importance[~dead].double().mean() if (~dead).any() else 1.0
+    qb = qtype.block_size
+    perm = torch.arange(cols)
+    if act_order and qtype.packer is Packer.GRID:
+        perm = torch.argsort(importance, descending=True, stable=True)
+    elif act_order:  # whole blocks, in order of decreasing importance
+        order = torch.argsort(importance.reshape(-1, qb).sum(1), descending=True, stable=True)
+        perm = (order[:, None] * qb + torch.arange(qb)).reshape(-1)
+    u, damp = _inverse_cholesky(h[perm][:, perm], damp)
+    run = _gptq_grid if qtype.packer is Packer.GRID else _gptq_codebook
+    data, q = run(w, u, perm, importance, qtype, act_order, block_size)
+    return GPTQResult(data, q, qtype, damp)
+
+
+def _importance(diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column importance for the scale searches (the Hessian diagonal; dead columns get a small share of
+    the mean, all of it if every column is dead) and the dead-column mask."""
+    dead = diag <= 0
+    live = diag[~dead]
+    floor = float(live.mean()) * _DEAD_IMPORTANCE if live.numel() else 1.0
+    return torch.where(dead, torch.full_like(diag, floor), diag).float(), dead
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (float64 inside, float32 out).
+
+    A Hessian that is not positive definite even so gets ten times the dampening until it is, with a warning.
+    """
+    mean = float(h.diagonal().mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(_MAX_DAMP_TRIES):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if info == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(u).all():
+                return u.float(), damp
+        new = damp * 10 if damp > 0 else 1e-4
+        warnings.warn(f"GPTQ: the Hessian is not positive definite with dampening {damp:g}; trying {new:g}")
+        damp = new
+    raise Mc2ggufError(f"GPTQ: the Hessian is not positive definite even with dampening {damp / 10:g}")
+
+
+def _gptq_grid(w, u, perm, importance, qtype, act_order, block_size):
+    fmt = grid_format(qtype)
+    rows, cols = w.shape
+    qb = qtype.block_size
+    imp = importance.reshape(1, cols).expand(rows, -1)
+    scales = [None] * (cols // qb)
+    if act_order:  # static groups: every block's scales from the original weights
+        scales = [fmt.choose_scales(w[:, s : s + qb], imp[:, s : s + qb]) for s in range(0, cols, qb)]
+    else:  # batches hold whole ggml blocks
+        block_size = max(qb, -(-block_size // qb) * qb)
+    w = w[:, perm]
+    codes = torch.zeros(rows, cols)  # in the original column order
+    q = torch.zeros(rows, cols)  # in the processing order
+    order = perm.tolist()
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            b, k = divmod(order[i1 + i], qb)
+            if not act_order and k == 0:
+                scales[b] = fmt.choose_scales(w1[:, i : i + qb], imp[:, i1 + i : i1 + i + qb])
+            c = fmt.round_to_grid(w1[:, i : i + 1], scales[b], k)
+            codes[:, order[i1 + i]] = c[:, 0]
+            q[:, i1 + i] = fmt.dequantize_codes(c, scales[b], k)[:, 0]
+            err1[:, i] = (w1[:, i] - q[:, i1 + i]) / u1[i, i]
+            w1[:, i:] -= err1[:, i : i + 1] * u1[i : i + 1, i:]
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    data = torch.cat([fmt.pack(codes[:, s : s + qb], scales[s // qb]) for s in range(0, cols, qb)], dim=1)
+    return data.numpy(), q[:, torch.argsort(perm)]
+
+
+def _gptq_codebook(w, u, perm, importance, qtype, act_order, block_size):
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from .quant.ggml_lib import ggml_quantize
+
+    rows, cols = w.shape
+    qb = qtype.block_size
+    w = w[:, perm]
+    q = torch.zeros(rows, cols)
+    blocks = {}
+    for i1 in range(0, cols, qb):
+        i2, start = i1 + qb, int(perm[i1])  # start: the block's first column in the original order
+        data = ggml_quantize(w[:, i1:i2].numpy(), qtype, importance[start : start + qb].numpy())
+        blocks[start] = data
+        q[:, i1:i2] = torch.from_numpy(gguf_dequantize(data, qtype.ggml_type)).reshape(rows, qb)
+        err = torch.linalg.solve_triangular(u[i1:i2, i1:i2], w[:, i1:i2] - q[:, i1:i2], upper=True, left=False)
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    data = np.concatenate([blocks[s] for s in range(0, cols, qb)], axis=1)
+    return data, q[:, torch.argsort(perm)]
