@@ -155,7 +155,13 @@ def _gptq_grid(w, u, perm, importance, qtype, act_order, block_size):
         for i in range(i2 - i1):
             b, k = divmod(order[i1 + i], qb)
             if not act_order and k == 0:
-                scales[b] = fmt.choose_scales(w1[:, i : i + qb], imp[:, i1 + i : i1 + i + qb])
+                import os
+                if os.environ.get("GIMP") == "u":
+                    dd = u1.diagonal()[i:i+qb]
+                    ii = (1 / dd**2).reshape(1, -1).expand(rows, -1)
+                else:
+                    ii = imp[:, i1 + i : i1 + i + qb]
+                scales[b] = fmt.choose_scales(w1[:, i : i + qb], ii)
             c = fmt.round_to_grid(w1[:, i : i + 1], scales[b], k)
             codes[:, order[i1 + i]] = c[:, 0]
             q[:, i1 + i] = fmt.dequantize_codes(c, scales[b], k)[:, 0]
@@ -178,7 +184,14 @@ def _gptq_codebook(w, u, perm, importance, qtype, act_order, block_size):
     blocks = {}
     for i1 in range(0, cols, qb):
         i2, start = i1 + qb, int(perm[i1])  # start: the block's first column in the original order
-        data = ggml_quantize(w[:, i1:i2].numpy(), qtype, importance[start : start + qb].numpy())
+        import os
+        if os.environ.get("CBIMP") == "u":
+            ub = u[i1:i2, i1:i2].double()
+            ui = torch.linalg.inv(ub)
+            impb = (ui * ui).sum(1).float()
+        else:
+            impb = importance[start : start + qb]
+        data = ggml_quantize(w[:, i1:i2].numpy(), qtype, impb.numpy())
         blocks[start] = data
         q[:, i1:i2] = torch.from_numpy(gguf_dequantize(data, qtype.ggml_type)).reshape(rows, qb)
         err = torch.linalg.solve_triangular(u[i1:i2, i1:i2], w[:, i1:i2] - q[:, i1:i2], upper=True, left=False)
