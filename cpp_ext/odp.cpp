@@ -37,8 +37,8 @@ int64_t n_protect(double ratio, int64_t T) {
 
 Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::optional<at::Tensor>& protect,
                  const std::optional<at::Tensor>& importance, double protect_ratio) {
-  TORCH_CHECK(logits.dim() == 2, "odp route: logits must be [T, E], got ", logits.dim(), " dims");
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "odp route: logits must be floating point, got ",
+  TORCH_CHECK_VALUE(logits.dim() == 2, "odp route: logits must be [T, E], got ", logits.dim(), " dims");
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "odp route: logits must be floating point, got ",
               logits.scalar_type());
   Prepared p;
   p.T = logits.size(0);
@@ -56,7 +56,7 @@ Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::
     const at::Tensor& m = *protect;
     TORCH_CHECK_VALUE(m.dim() == 1 && m.size(0) == p.T, "odp route: protect must be [T=", p.T, "], got ",
                       m.sizes());
-    TORCH_CHECK(m.device() == logits.device(), "odp route: protect is on ", m.device(), ", logits on ",
+    TORCH_CHECK_VALUE(m.device() == logits.device(), "odp route: protect is on ", m.device(), ", logits on ",
                 logits.device());
     p.mask = m.to(at::kBool).contiguous();
   }
@@ -68,9 +68,9 @@ Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::
     const at::Tensor& imp = *importance;
     TORCH_CHECK_VALUE(imp.dim() == 1 && imp.size(0) == p.T, "odp route: importance must be [T=", p.T, "], got ",
                       imp.sizes());
-    TORCH_CHECK(at::isFloatingType(imp.scalar_type()), "odp route: importance must be floating point, got ",
+    TORCH_CHECK_TYPE(at::isFloatingType(imp.scalar_type()), "odp route: importance must be floating point, got ",
                 imp.scalar_type());
-    TORCH_CHECK(imp.device() == logits.device(), "odp route: importance is on ", imp.device(), ", logits on ",
+    TORCH_CHECK_VALUE(imp.device() == logits.device(), "odp route: importance is on ", imp.device(), ", logits on ",
                 logits.device());
     const int64_t n = n_protect(protect_ratio, p.T);
     if (n > 0) {

@@ -126,11 +126,13 @@ def solve_allocation(
     max_expert_bytes: int,
     objective: Objective = Objective(),
     per_layer: bool = False,
+    same_type: list[list[int]] = (),
 ) -> Allocation:
     """The integer program: one type per unit, minimal objective, total expert bytes <= the budget.
 
     ``per_layer`` is the paper's variant: every layer gets the budget's share of its weights, and at least
-    one unit at the palette's highest and one at its middle type.
+    one unit at the palette's highest and one at its middle type. ``same_type`` lists groups of unit
+    indices that must share one type (``--layout stock``: all experts of a layer and projection).
     """
     smallest, largest = reachable_bytes(units, palette)
     if max_expert_bytes < smallest:
@@ -151,6 +153,11 @@ def solve_allocation(
         return pulp.lpSum(units[n].nbytes(quant_type(name)) * var for (n, name), var in choice.items() if n in members)
 
     problem += size(set(range(len(units)))) <= max_expert_bytes
+    for group in same_type:
+        first, *rest = group
+        for n in rest:
+            for name in (t.name for t in _candidates(units[first], palette)):
+                problem += choice[n, name] == choice[first, name]
     if per_layer:
         _add_per_layer_constraints(problem, units, palette, choice, size, max_expert_bytes)
     status = problem.solve(pulp.HiGHS(msg=False))

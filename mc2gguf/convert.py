@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFValueType, GGUFWriter, size_label
+from gguf import GGUFValueType, GGUFWriter, LlamaFileType, size_label
 from tqdm import tqdm
 
 from . import quant
@@ -41,14 +41,15 @@ def _payload(plan: TensorPlan) -> TensorPayload:
     return TensorPayload(plan.spec.name, plan.spec.shape, plan.qtype.ggml_type, plan.nbytes)
 
 
-def _model_metadata(upstream: list[KeyValue], arch: str, payloads: list[TensorPayload], qtype: QuantType):
+def model_metadata(model_dir: Path, arch: str, payloads: list[TensorPayload], file_type: LlamaFileType):
     """Upstream's key/values, with the two that depend on the written tensors filled in as upstream would."""
+    upstream = upstream_metadata(model_dir)
     counter = GGUFWriter(None, arch)
     for p in payloads:
         counter.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.ggml_type)
     total, shared, expert, n_experts = counter.get_total_parameter_count()
     derived = {
-        "general.file_type": KeyValue("general.file_type", int(qtype.file_type), GGUFValueType.UINT32),
+        "general.file_type": KeyValue("general.file_type", int(file_type), GGUFValueType.UINT32),
         "general.size_label": KeyValue(
             "general.size_label", size_label(total, shared, expert, n_experts), GGUFValueType.STRING
         ),
@@ -64,7 +65,7 @@ def convert(src: Path, out: Path, qtype: QuantType, force: bool = False) -> Conv
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     payloads = [_payload(t) for t in plan.tensors]
-    metadata = _model_metadata(upstream_metadata(checkpoint.path), adapter.gguf_architecture, payloads, qtype)
+    metadata = model_metadata(checkpoint.path, adapter.gguf_architecture, payloads, qtype.file_type)
     size = expected_file_size(adapter.gguf_architecture, metadata, payloads)
     by_name = {t.spec.name: t for t in plan.tensors}
     with atomic_output(out, force, size) as tmp, torch.inference_mode():

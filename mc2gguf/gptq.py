@@ -44,6 +44,7 @@ import torch
 from .errors import Mc2ggufError
 from .qtypes import Packer, QuantType
 from .quant import dequantize, grid_format, quantize
+from .quant.grid import BlockScales
 
 # Importance (relative to the mean live Hessian diagonal) of a dead column when choosing scales.
 _DEAD_IMPORTANCE = 1e-3
@@ -76,18 +77,24 @@ def rtn_quantize(weights: torch.Tensor, hessian: torch.Tensor, qtype: QuantType)
 
 def gptq_quantize(
     weights: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, damp: float = 0.01, act_order: bool = False,
-    block_size: int = 128,
+    block_size: int = 128, device: torch.device | str | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize ``weights`` ``[rows, cols]`` for ``hessian`` ``[cols, cols]`` (``X^T X`` or its mean over the
-    calibration tokens) into ``qtype``; see the module docstring."""
-    w = torch.as_tensor(weights).detach().float().cpu().clone()
+    calibration tokens) into ``qtype``; see the module docstring.
+
+    The arithmetic runs on ``device`` (default: the weights' device); ggml's quantizer and the packing on the
+    CPU. ``GPTQResult.weights`` is returned on the CPU.
+    """
+    weights = torch.as_tensor(weights).detach()
+    device = torch.device(device) if device is not None else weights.device
+    w = weights.to(device, torch.float32, copy=True)
     rows, cols = w.shape
     if qtype.packer is Packer.FLOAT:
-        data = quantize(w, qtype)
+        data = quantize(w.cpu(), qtype)
         return GPTQResult(data, dequantize(data, qtype, cols), qtype, 0.0)
     if not qtype.fits(cols):
         raise Mc2ggufError(f"{qtype.name} needs rows that are a multiple of {qtype.block_size}, got {cols}")
-    h = torch.as_tensor(hessian).detach().double().cpu().clone()
+    h = torch.as_tensor(hessian).detach().to(device, torch.float64, copy=True)
     if h.shape != (cols, cols):
         raise ValueError(f"the Hessian must be [{cols}, {cols}], got {list(h.shape)}")
     if not torch.isfinite(h).all() or not torch.isfinite(w).all():
@@ -95,12 +102,12 @@ def gptq_quantize(
     importance, dead = _importance(h.diagonal())
     h.diagonal()[dead] = importance[~dead].double().mean() if (~dead).any() else 1.0
     qb = qtype.block_size
-    perm = torch.arange(cols)
+    perm = torch.arange(cols, device=device)
     if act_order and qtype.packer is Packer.GRID:
         perm = torch.argsort(importance, descending=True, stable=True)
     elif act_order:  # whole blocks, in order of decreasing importance
         order = torch.argsort(importance.reshape(-1, qb).sum(1), descending=True, stable=True)
-        perm = (order[:, None] * qb + torch.arange(qb)).reshape(-1)
+        perm = (order[:, None] * qb + torch.arange(qb, device=device)).reshape(-1)
     u, damp = _inverse_cholesky(h[perm][:, perm], damp)
     run = _gptq_grid if qtype.packer is Packer.GRID else _gptq_codebook
     data, q = run(w, u, perm, importance, qtype, act_order, block_size)
@@ -122,7 +129,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     A Hessian that is not positive definite even so gets ten times the dampening until it is, with a warning.
     """
     mean = float(h.diagonal().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(_MAX_DAMP_TRIES):
         lower, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
         if info == 0:
@@ -146,30 +153,29 @@ def _gptq_grid(w, u, perm, importance, qtype, act_order, block_size):
     else:  # batches hold whole ggml blocks
         block_size = max(qb, -(-block_size // qb) * qb)
     w = w[:, perm]
-    codes = torch.zeros(rows, cols)  # in the original column order
-    q = torch.zeros(rows, cols)  # in the processing order
+    codes = torch.zeros_like(w)  # in the original column order
+    q = torch.zeros_like(w)  # in the processing order
     order = perm.tolist()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), u[i1:i2, i1:i2]
+        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             b, k = divmod(order[i1 + i], qb)
             if not act_order and k == 0:
-                import os
-                if os.environ.get("GIMP") == "u":
-                    dd = u1.diagonal()[i:i+qb]
-                    ii = (1 / dd**2).reshape(1, -1).expand(rows, -1)
-                else:
-                    ii = imp[:, i1 + i : i1 + i + qb]
-                scales[b] = fmt.choose_scales(w1[:, i : i + qb], ii)
+                scales[b] = fmt.choose_scales(w1[:, i : i + qb], imp[:, i1 + i : i1 + i + qb])
             c = fmt.round_to_grid(w1[:, i : i + 1], scales[b], k)
             codes[:, order[i1 + i]] = c[:, 0]
             q[:, i1 + i] = fmt.dequantize_codes(c, scales[b], k)[:, 0]
             err1[:, i] = (w1[:, i] - q[:, i1 + i]) / u1[i, i]
             w1[:, i:] -= err1[:, i : i + 1] * u1[i : i + 1, i:]
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    data = torch.cat([fmt.pack(codes[:, s : s + qb], scales[s // qb]) for s in range(0, cols, qb)], dim=1)
-    return data.numpy(), q[:, torch.argsort(perm)]
+    codes = codes.cpu()
+    data = torch.cat([fmt.pack(codes[:, s : s + qb], _cpu(scales[s // qb])) for s in range(0, cols, qb)], dim=1)
+    return data.numpy(), q[:, torch.argsort(perm)].cpu()
+
+
+def _cpu(s: BlockScales) -> BlockScales:
+    return BlockScales(s.scale.cpu(), s.bias.cpu(), {k: v.cpu() for k, v in s.fields.items()})
 
 
 def _gptq_codebook(w, u, perm, importance, qtype, act_order, block_size):
@@ -180,21 +186,14 @@ def _gptq_codebook(w, u, perm, importance, qtype, act_order, block_size):
     rows, cols = w.shape
     qb = qtype.block_size
     w = w[:, perm]
-    q = torch.zeros(rows, cols)
+    q = torch.zeros_like(w)
     blocks = {}
     for i1 in range(0, cols, qb):
         i2, start = i1 + qb, int(perm[i1])  # start: the block's first column in the original order
-        import os
-        if os.environ.get("CBIMP") == "u":
-            ub = u[i1:i2, i1:i2].double()
-            ui = torch.linalg.inv(ub)
-            impb = (ui * ui).sum(1).float()
-        else:
-            impb = importance[start : start + qb]
-        data = ggml_quantize(w[:, i1:i2].numpy(), qtype, impb.numpy())
+        data = ggml_quantize(w[:, i1:i2].cpu().numpy(), qtype, importance[start : start + qb].cpu().numpy())
         blocks[start] = data
-        q[:, i1:i2] = torch.from_numpy(gguf_dequantize(data, qtype.ggml_type)).reshape(rows, qb)
+        q[:, i1:i2] = torch.from_numpy(gguf_dequantize(data, qtype.ggml_type)).reshape(rows, qb).to(w.device)
         err = torch.linalg.solve_triangular(u[i1:i2, i1:i2], w[:, i1:i2] - q[:, i1:i2], upper=True, left=False)
         w[:, i2:] -= err @ u[i1:i2, i2:]
     data = np.concatenate([blocks[s] for s in range(0, cols, qb)], axis=1)
-    return data, q[:, torch.argsort(perm)]
+    return data, q[:, torch.argsort(perm)].cpu()

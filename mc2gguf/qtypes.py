@@ -86,6 +86,10 @@ _TYPES = (
 
 QUANT_TYPES: dict[str, QuantType] = {t.name: t for t in _TYPES}
 
+# PMQ's default candidates for experts: a ladder of mainline types from ~1.6 to 4.5 bits per weight, all
+# run by llama.cpp's CUDA backend (so no TQ1_0/TQ2_0: edge GPUs are the target).
+DEFAULT_PALETTE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "Q4_K")
+
 
 def quant_type(name: str) -> QuantType:
     try:

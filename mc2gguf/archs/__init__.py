@@ -68,6 +68,11 @@ class LayerWeights:
     index: int
     tensors: dict[str, torch.Tensor]  # attention, norms, router: adapter-specific keys
     experts: list[ExpertWeights]
+    keys: dict[str, str]  # checkpoint name -> key in ``tensors``
+
+    def replace(self, checkpoint_name: str, value: torch.Tensor) -> None:
+        """Swap in another version (e.g. the dequantized one) of a non-expert tensor."""
+        self.tensors[self.keys[checkpoint_name]] = value
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ class MixtralAdapter(ArchAdapter):
             ExpertWeights(*(self.checkpoint.load(f"{hf}.block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w3", "w2")))
             for e in range(self.moe.n_experts)
         ]
-        return LayerWeights(index, tensors, experts)
+        return LayerWeights(index, tensors, experts, {name: key for key, name in names.items()})
 
     def attention_block(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         t = layer.tensors

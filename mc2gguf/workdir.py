@@ -1,0 +1,66 @@
+"""Per-layer checkpoints of a long conversion, so an interrupted run resumes where it stopped.
+
+Every record is written to a temporary name and renamed, so a kill at any moment leaves either the old
+state or the new one. ``run.json`` holds the fingerprint of everything the result depends on (inputs,
+options, mc2gguf version); a directory left by a different run is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import Mc2ggufError
+
+
+class WorkDir:
+    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        run = self.path / "run.json"
+        wanted = json.dumps(fingerprint, sort_keys=True, indent=1)
+        if run.exists() and run.read_text() != wanted:
+            raise Mc2ggufError(
+                f"work directory {self.path} holds a different conversion (other inputs or options); "
+                "remove it or choose another --work-dir"
+            )
+        if not run.exists():
+            self._atomic_write(run, wanted.encode())
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _file(self, stage: str, name: str) -> Path:
+        (self.path / stage).mkdir(exist_ok=True)
+        return self.path / stage / f"{name}.pt"
+
+    def has(self, stage: str, name: str) -> bool:
+        return self._file(stage, name).exists()
+
+    def save(self, stage: str, name: str, obj: Any) -> None:
+        path = self._file(stage, name)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, stage: str, name: str) -> Any:
+        return torch.load(self._file(stage, name), weights_only=False)
+
+    def discard(self, stage: str, name: str) -> None:
+        self._file(stage, name).unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
