@@ -19,10 +19,13 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <tuple>
+#include <vector>
 
 #include "odp.h"
 #include "odp_row.h"
@@ -74,12 +77,32 @@ Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::
                 logits.device());
     const int64_t n = n_protect(protect_ratio, p.T);
     if (n > 0) {
-      // Ranked in the importance's own dtype (no rounding), NaN as -inf; a stable descending sort keeps
-      // equal values in index order, so the lower index wins ties.
-      const at::Tensor key = imp.masked_fill(imp.isnan(), -std::numeric_limits<double>::infinity());
-      const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+      // The n largest importances, NaN as -inf, the lower index winning ties; ranked in the importance's
+      // own dtype (its values are exact in double).
       at::Tensor mask = p.mask.defined() ? p.mask.clone() : at::zeros({p.T}, logits.options().dtype(at::kBool));
-      mask.index_fill_(0, order.slice(0, 0, n), true);
+      if (imp.device().is_cpu()) {
+        // O(T) selection under the total order (key descending, index ascending).
+        const at::Tensor ic = imp.contiguous();
+        std::vector<double> key(p.T);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ic.scalar_type(), "mc2gguf_odp_importance", [&] {
+          const scalar_t* v = ic.const_data_ptr<scalar_t>();
+          for (int64_t j = 0; j < p.T; ++j) {
+            const double d = static_cast<double>(v[j]);
+            key[j] = std::isnan(d) ? -std::numeric_limits<double>::infinity() : d;
+          }
+        });
+        std::vector<int64_t> order(p.T);
+        std::iota(order.begin(), order.end(), int64_t(0));
+        const auto before = [&key](int64_t a, int64_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
+        if (n < p.T) std::nth_element(order.begin(), order.begin() + n, order.end(), before);
+        bool* m = mask.data_ptr<bool>();
+        for (int64_t i = 0; i < n; ++i) m[order[i]] = true;
+      } else {
+        // A stable descending sort keeps equal values in index order.
+        const at::Tensor key = imp.masked_fill(imp.isnan(), -std::numeric_limits<double>::infinity());
+        const at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+        mask.index_fill_(0, order.slice(0, 0, n), true);
+      }
       p.mask = mask;
     }
   }

@@ -15,19 +15,11 @@
 
 namespace mc2gguf_odp {
 
-// Route one token.
-//   x      [E] logits (any floating type; each value is converted to fp32 first)
-//   thr    fl32(ln(mu)): slot s > 0 of an unprotected token is pruned iff fl32(l_s - l_0) < thr
-//   prot   the token is protected (never pruned)
-//   ids    [k] out: expert ids in slot order, -1 for pruned slots
-//   val    [k] scratch for the selected logits; on return the weights (0 for pruned slots)
-// Returns the number of pruned slots.
-//
-// Selection: slots are ordered by (logit descending, expert id ascending). Scanning experts in
-// increasing id order and only ever moving an entry past a *strictly* smaller one gives exactly that
+// Top-k selection for any k: slots ordered by (logit descending, expert id ascending). Scanning experts
+// in increasing id order and only ever moving an entry past a *strictly* smaller one gives exactly that
 // order: an expert whose logit equals one already held lands behind it, so the lower id wins ties.
 template <typename scalar_t, typename index_t>
-ODP_HD int route_row(const scalar_t* x, int64_t E, int k, float thr, bool prot, index_t* ids, float* val) {
+ODP_HD void route_select(const scalar_t* x, int64_t E, int k, index_t* ids, float* val) {
   int n = 0;
   for (int64_t e = 0; e < E; ++e) {
     const float v = static_cast<float>(x[e]);
@@ -47,9 +39,41 @@ ODP_HD int route_row(const scalar_t* x, int64_t E, int k, float thr, bool prot, 
     val[pos] = v;
     ids[pos] = static_cast<index_t>(e);
   }
+}
 
-  // Weights: w_s = exp(l_s - l_0) / sum over surviving slots of exp(l_j - l_0), in fp32, summed in slot
-  // order. This is softmax -> top-k -> renormalise (the full softmax denominator cancels).
+// k = 2 (Mixtral), branch-free: selects instead of data-dependent jumps, the same order as route_select.
+// A candidate displaces a slot only when strictly greater, so the lower id keeps a tie.
+template <typename scalar_t, typename index_t>
+ODP_HD void route_select2(const scalar_t* x, int64_t E, index_t* ids, float* val) {
+  const float a = static_cast<float>(x[0]);
+  const float b = static_cast<float>(x[1]);
+  const bool swap = b > a;
+  float v0 = swap ? b : a;
+  float v1 = swap ? a : b;
+  int64_t i0 = swap ? 1 : 0;
+  int64_t i1 = swap ? 0 : 1;
+  for (int64_t e = 2; e < E; ++e) {
+    const float v = static_cast<float>(x[e]);
+    const bool gt0 = v > v0;
+    const bool gt1 = v > v1;
+    v1 = gt0 ? v0 : (gt1 ? v : v1);
+    i1 = gt0 ? i0 : (gt1 ? e : i1);
+    v0 = gt0 ? v : v0;
+    i0 = gt0 ? e : i0;
+  }
+  val[0] = v0;
+  val[1] = v1;
+  ids[0] = static_cast<index_t>(i0);
+  ids[1] = static_cast<index_t>(i1);
+}
+
+// Pruning and weights, given the k selected logits in val (slot order) and their ids:
+// slot s > 0 of an unprotected token is pruned iff fl32(l_s - l_0) < thr; survivors get
+// w_s = exp(l_s - l_0) / (fp32 sum of the survivors' exp(l_j - l_0), in slot order), which is
+// softmax -> top-k -> renormalise with the full softmax denominator cancelled.
+// On return val holds the weights (0 in pruned slots) and ids -1 in pruned slots.
+template <typename index_t>
+ODP_HD int route_weights(int k, float thr, bool prot, index_t* ids, float* val) {
   const float top = val[0];
   float sum = 0.0f;
   int pruned = 0;
@@ -61,18 +85,35 @@ ODP_HD int route_row(const scalar_t* x, int64_t E, int k, float thr, bool prot, 
       ++pruned;
     } else {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-      const float ex = expf(d);
+      const float ex = s == 0 ? 1.0f : expf(d);  // exp(0) = 1 exactly
 #else
-      const float ex = std::exp(d);
+      const float ex = s == 0 ? 1.0f : std::exp(d);
 #endif
       val[s] = ex;
       sum += ex;
     }
   }
   for (int s = 0; s < k; ++s) {
-    val[s] = val[s] / sum;  // pruned slots stay 0; the top slot has ex = 1 so sum >= 1
+    val[s] = val[s] / sum;  // pruned slots stay 0; the top slot has exp(0) = 1, so sum >= 1
   }
   return pruned;
+}
+
+// Route one token.
+//   x      [E] logits (any floating type; each value is converted to fp32 first)
+//   thr    fl32(ln(mu))
+//   prot   the token is protected (never pruned)
+//   ids    [k] out: expert ids in slot order, -1 for pruned slots
+//   val    [k] scratch for the selected logits; on return the weights (0 for pruned slots)
+// Returns the number of pruned slots.
+template <typename scalar_t, typename index_t>
+ODP_HD int route_row(const scalar_t* x, int64_t E, int k, float thr, bool prot, index_t* ids, float* val) {
+  if (k == 2) {
+    route_select2(x, E, ids, val);
+  } else {
+    route_select(x, E, k, ids, val);
+  }
+  return route_weights(k, thr, prot, ids, val);
 }
 
 }  // namespace mc2gguf_odp

@@ -185,7 +185,12 @@ def llama_source(config: BuildConfig | None = None) -> Path:
 
 
 def build_llama(config: BuildConfig | None = None, jobs: int | None = None) -> LlamaBuild:
-    """Build (or find in the cache) the patched llama.cpp and return where it is."""
+    """Build (or find in the cache) the patched llama.cpp and return where it is.
+
+    With ``MC2GGUF_LLAMA_BUILD`` set, that build is used as it is (see ``find_llama_build``).
+    """
+    if os.environ.get("MC2GGUF_LLAMA_BUILD"):
+        return find_llama_build(config)
     config = config or BuildConfig()
     build = _build_location(config)
     if build.stamp.exists():
@@ -215,8 +220,12 @@ def _install_bindings(build: LlamaBuild, log: Path) -> None:
 
 
 def find_llama_build(config: BuildConfig | None = None) -> LlamaBuild:
-    """The cached build for this configuration, or a clear error telling the user how to make it."""
-    build = _build_location(config or BuildConfig())
+    """The cached build for this configuration, or a clear error telling the user how to make it.
+
+    ``MC2GGUF_LLAMA_BUILD`` names a build directory root to use instead (e.g. a developer's own build).
+    """
+    override = os.environ.get("MC2GGUF_LLAMA_BUILD")
+    build = LlamaBuild(Path(override)) if override else _build_location(config or BuildConfig())
     if not build.stamp.exists():
         raise Mc2ggufError("the pinned llama.cpp is not built yet: run `mc2gguf build-llama` first")
     return build

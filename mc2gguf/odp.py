@@ -28,6 +28,7 @@ unconfigured). ``MC2GGUF_ODP_BACKEND=torch`` skips the extension, ``=cpp`` makes
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -437,6 +438,16 @@ def build_extension(verbose: bool = False) -> str:
     return str(build_dir)
 
 
+def _prebuilt_is_stale() -> bool:
+    """An install-time build in a source checkout that the C++ sources have changed since (editable installs)."""
+    spec = importlib.util.find_spec("mc2gguf._odp_C")
+    src = _source_dir()
+    if spec is None or spec.origin is None or src is None:
+        return False
+    built = os.path.getmtime(spec.origin)
+    return any(os.path.getmtime(f) > built for f in src.iterdir() if f.suffix in (".cpp", ".cu", ".h"))
+
+
 def _load_backend() -> tuple[str, str]:
     choice = os.environ.get("MC2GGUF_ODP_BACKEND", "auto").strip().lower()
     if choice not in ("auto", "cpp", "torch"):
@@ -444,10 +455,13 @@ def _load_backend() -> tuple[str, str]:
     if choice == "torch":
         return "torch", "MC2GGUF_ODP_BACKEND=torch"
     where = None
+    prebuilt_error: object = None
     if _op_registered():
         where = "already loaded"
     else:
         try:
+            if _prebuilt_is_stale():
+                raise ImportError("mc2gguf._odp_C is older than cpp_ext/ (sources edited since the install)")
             importlib.import_module("mc2gguf._odp_C")
             where = "built at install (mc2gguf._odp_C)"
         except (ImportError, OSError) as exc:

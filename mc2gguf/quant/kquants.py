@@ -41,7 +41,7 @@ import torch
 
 from ..qtypes import QUANT_TYPES
 from .bits import from_fp16_bytes, pack_bits, pack_nibbles, to_fp16, to_fp16_bytes, unpack_bits, unpack_nibbles
-from .grid import BlockScales, GridFormat, round_codes, search_affine_scale, search_symmetric_scale
+from .grid import BlockScales, GridFormat, WeightedGroups, search_affine_scale, search_symmetric_scale
 
 _FP16_MAX = 65504.0
 
@@ -97,27 +97,36 @@ class _CodeSets:
     For fixed codes the error is an exact quadratic, ``c + sqq ds^2 + 2 sq ds db + sw db^2`` with ``ds, db``
     the offsets from the codes' least-squares ``(s0, b0)`` (``b0 = 0`` for the symmetric types) and ``c`` the
     error there. Re-rounding the codes can only do better, so the smallest error over the code sets is an
-    upper bound of the true error that stays close to it around the scales the sets were rounded with. The
-    sums are taken in float64 (``c`` is a small difference of large sums), the model is kept in float32.
+    upper bound of the true error that stays close to it around the scales the sets were rounded with.
+    ``c`` is measured directly at ``(s0, b0)`` (from the sums it would be a small difference of large ones).
     """
 
-    def __init__(self, x: torch.Tensor, w: torch.Tensor, codes: list[torch.Tensor], affine: bool):
-        x, w, q = x.double(), w.double(), torch.stack(codes).double()
-        wq = w * q
-        sw, sx, sxx = w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1)
-        sq, sqq, sqx = wq.sum(-1), (wq * q).sum(-1), (wq * x).sum(-1)
-        if affine:
-            det = sw * sqq - sq * sq
-            ok = det > 1e-9 * sw * sqq
-            # Codes all equal fit any point of the line s q + b = mean: take the one with b = 0 (the K-quants
-            # store b <= 0, and a constant block then scales from it), or s = 0 if the codes are 0.
-            s0 = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, 1.0), _ratio(sx, sq))
-            b0 = _ratio(sx - s0 * sq, sw)
-        else:
-            s0, b0 = _ratio(sqx, sqq), torch.zeros_like(sqx)
-        c = sxx - 2 * s0 * sqx - 2 * b0 * sx + s0 * s0 * sqq + 2 * s0 * b0 * sq + b0 * b0 * sw
-        self.s0, self.b0, self.c = s0.float(), b0.float(), c.float()
-        self.sqq, self.sq, self.sw = sqq.float(), sq.float(), sw.expand_as(sq).float()
+    _FIELDS = ("s0", "b0", "c", "sqq", "sq", "sw")
+
+    def __init__(self, s0, b0, c, sqq, sq, sw):
+        self.s0, self.b0, self.c, self.sqq, self.sq, self.sw = s0, b0, c, sqq, sq, sw
+
+    @staticmethod
+    def of_codes(groups: WeightedGroups, fmt: KQuantFormat, fits: list[tuple[torch.Tensor, torch.Tensor]]) -> _CodeSets:
+        """The model of the codes ``round_to_grid`` gives for each ``(scale, bias)`` of ``fits``."""
+        parts = []
+        for scale, bias in fits:
+            q = groups.codes(scale, bias, fmt.qmin, fmt.qmax)
+            sq, sqq, sqx = groups.sums(q)
+            # The least-squares fit in float64: the sums are float32, exact to a few ulps.
+            sw, sx, sq64, sqq64, sqx64 = (t.double() for t in (groups.sw, groups.sx, sq, sqq, sqx))
+            if fmt.affine:
+                det = sw * sqq64 - sq64 * sq64
+                ok = det > 1e-6 * sw * sqq64
+                # Codes all equal fit any point of the line s q + b = mean: take the one with b = 0 (the K-quants
+                # store b <= 0, and a constant block then scales from it), or s = 0 if the codes are 0.
+                s0 = torch.where(ok, (sw * sqx64 - sq64 * sx) / torch.where(ok, det, 1.0), _ratio(sx, sq64))
+                b0 = _ratio(sx - s0 * sq64, sw).float()
+            else:
+                s0, b0 = _ratio(sqx64, sqq64), torch.zeros_like(sqx)
+            s0 = s0.float()
+            parts.append((s0, b0, groups.error(q, s0, b0), sqq, sq, groups.sw))
+        return _CodeSets(*(torch.stack(t) for t in zip(*parts)))
 
     def error(self, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         ds = scale - self.s0
@@ -132,17 +141,11 @@ class _CodeSets:
 
     @staticmethod
     def concat(*parts: _CodeSets) -> _CodeSets:
-        out = object.__new__(_CodeSets)
-        for name in ("s0", "b0", "c", "sqq", "sq", "sw"):
-            setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
-        return out
+        return _CodeSets(*(torch.cat([getattr(p, name) for p in parts]) for name in _CodeSets._FIELDS))
 
     def take(self, k: torch.Tensor) -> _CodeSets:
         """The model of code set ``k`` (``[N, n_sub]``) of every sub-block, as a single set."""
-        out = object.__new__(_CodeSets)
-        for name in ("s0", "b0", "c", "sqq", "sq", "sw"):
-            setattr(out, name, _take(getattr(self, name), k)[None])
-        return out
+        return _CodeSets(*(_take(getattr(self, name), k)[None] for name in _CodeSets._FIELDS))
 
 
 def _best_set(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,29 +219,23 @@ class KQuantFormat(GridFormat):
         if self.affine:
             # Half the shared search's default candidates do as well here: the super-scale search re-chooses
             # every scale anyway.
-            scale, bias = search_affine_scale(
-                x, w, self.qmax, nonpositive_bias=True, n_candidates=21, clips=self.clips
-            )
-            float_codes = [self._codes(x, scale, bias)]
+            float_fits = [search_affine_scale(x, w, self.qmax, nonpositive_bias=True, n_candidates=21, clips=self.clips)]
         else:
             # A sub-block's best sign depends on the super-block: the grid and the integer scales are one
             # longer on the negative side, so the block's largest values fit finest with both negative. Keep
             # the best codes of either sign and let the super-scale search choose per sub-block.
             zero = torch.zeros_like(x[..., 0])
-            float_codes = [
-                self._codes(x, search_symmetric_scale(x, w, self.qmin, self.qmax, ends=(end,)), zero)
-                for end in (self.qmin, self.qmax)
+            float_fits = [
+                (search_symmetric_scale(x, w, self.qmin, self.qmax, ends=(end,)), zero) for end in (self.qmin, self.qmax)
             ]
-        float_sets = _CodeSets(x, w, float_codes, self.affine)
+        groups = WeightedGroups(x, w)
+        float_sets = _CodeSets.of_codes(groups, self, float_fits)
         fit = self._search(float_sets, float_sets, None)
         for _ in range(self.rounds):
-            fit = self._step_sub_scales(x, w, fit)
-            current = _CodeSets(x, w, [self._codes(x, fit.scale, fit.bias)], self.affine)
+            fit = self._step_sub_scales(groups, fit)
+            current = _CodeSets.of_codes(groups, self, [(fit.scale, fit.bias)])
             fit = self._search(_CodeSets.concat(current, float_sets), float_sets, fit)
-        return self._block_scales(self._step_sub_scales(x, w, fit))
-
-    def _codes(self, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return round_codes(x, scale[..., None], bias[..., None], self.qmin, self.qmax)
+        return self._block_scales(self._step_sub_scales(groups, fit))
 
     def _search(self, sets: _CodeSets, float_sets: _CodeSets, current: _Fit | None) -> _Fit:
         """The stored parameters of least modelled error; the candidates scale the float fits' largest
@@ -321,26 +318,25 @@ class KQuantFormat(GridFormat):
         d = torch.where(dmin < 0, _ratio(r1, a11), d)
         return _fp16(d), _fp16(dmin.clamp_min(0))
 
-    def _step_sub_scales(self, x: torch.Tensor, w: torch.Tensor, fit: _Fit) -> _Fit:
+    def _step_sub_scales(self, groups: WeightedGroups, fit: _Fit) -> _Fit:
         """Each sub-block's integers one step either way (scale, min, both), codes re-rounded; keep the best."""
         steps = [(-1, 0), (1, 0)]
         if self.affine:
             steps += [(0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1), (1, -1)]
-        best, best_err = fit, self._sub_error(x, w, fit)
+        best, best_err = fit, self._sub_error(groups, fit)
         for dsc, dm in steps:
             sc = (fit.sc + dsc).clamp_(self.sc_min, self.sc_max)
             m = None if fit.m is None else (fit.m + dm).clamp_(0, self.m_max)
             cand = _Fit(fit.d, sc, fit.dmin, m)
-            err = self._sub_error(x, w, cand)
+            err = self._sub_error(groups, cand)
             better = err < best_err
             best, best_err = cand.where(better, best), torch.where(better, err, best_err)
         return best
 
-    def _sub_error(self, x: torch.Tensor, w: torch.Tensor, fit: _Fit) -> torch.Tensor:
+    def _sub_error(self, groups: WeightedGroups, fit: _Fit) -> torch.Tensor:
         """The weighted error of every sub-block with the codes ``round_to_grid`` would write."""
-        scale, bias = fit.scale[..., None], fit.bias[..., None]
-        q = round_codes(x, scale, bias, self.qmin, self.qmax)
-        return (w * (x - (scale * q + bias)) ** 2).sum(-1)
+        scale, bias = fit.scale, fit.bias
+        return groups.error(groups.codes(scale, bias, self.qmin, self.qmax), scale, bias)
 
     def _block_scales(self, fit: _Fit) -> BlockScales:
         """``fields``: ``d``, ``scales`` (the integer ``sc``, signed for Q3_K/Q6_K: Q3_K's packer adds the
