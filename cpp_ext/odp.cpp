@@ -40,27 +40,28 @@ int64_t n_protect(double ratio, int64_t T) {
 
 Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::optional<at::Tensor>& protect,
                  const std::optional<at::Tensor>& importance, double protect_ratio) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "odp route: logits must be [T, E], got ", logits.dim(), " dims");
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "odp route: logits must be floating point, got ",
-              logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() == 2, msg("odp route: logits must be [T, E], got ", logits.dim(), " dims"));
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()),
+                   msg("odp route: logits must be floating point, got ", logits.scalar_type()));
   Prepared p;
   p.T = logits.size(0);
   p.E = logits.size(1);
   p.k = top_k;
   TORCH_CHECK_VALUE(p.E >= 1, "odp route: need at least one expert");
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= p.E, "odp route: top_k must be in [1, E=", p.E, "], got ", top_k);
-  TORCH_CHECK_VALUE(mu >= 0.0, "odp route: mu must be >= 0 (and not NaN), got ", mu);
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= p.E,
+                    msg("odp route: top_k must be in [1, E=", p.E, "], got ", top_k));
+  TORCH_CHECK_VALUE(mu >= 0.0, msg("odp route: mu must be >= 0 (and not NaN), got ", mu));
   TORCH_CHECK_VALUE(protect_ratio >= 0.0 && protect_ratio <= 1.0,
-                    "odp route: protect_ratio must be in [0, 1], got ", protect_ratio);
+                    msg("odp route: protect_ratio must be in [0, 1], got ", protect_ratio));
   p.logits = logits.contiguous();
   p.thr = static_cast<float>(std::log(mu));  // log(0) = -inf: nothing is below it
 
   if (protect.has_value() && protect->defined()) {
     const at::Tensor& m = *protect;
-    TORCH_CHECK_VALUE(m.dim() == 1 && m.size(0) == p.T, "odp route: protect must be [T=", p.T, "], got ",
-                      m.sizes());
-    TORCH_CHECK_VALUE(m.device() == logits.device(), "odp route: protect is on ", m.device(), ", logits on ",
-                logits.device());
+    TORCH_CHECK_VALUE(m.dim() == 1 && m.size(0) == p.T,
+                      msg("odp route: protect must be [T=", p.T, "], got ", m.sizes()));
+    TORCH_CHECK_VALUE(m.device() == logits.device(),
+                      msg("odp route: protect is on ", m.device(), ", logits on ", logits.device()));
     p.mask = m.to(at::kBool).contiguous();
   }
   if (protect_ratio > 0.0) {
@@ -69,12 +70,12 @@ Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::
   }
   if (importance.has_value() && importance->defined()) {
     const at::Tensor& imp = *importance;
-    TORCH_CHECK_VALUE(imp.dim() == 1 && imp.size(0) == p.T, "odp route: importance must be [T=", p.T, "], got ",
-                      imp.sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(imp.scalar_type()), "odp route: importance must be floating point, got ",
-                imp.scalar_type());
-    TORCH_CHECK_VALUE(imp.device() == logits.device(), "odp route: importance is on ", imp.device(), ", logits on ",
-                logits.device());
+    TORCH_CHECK_VALUE(imp.dim() == 1 && imp.size(0) == p.T,
+                      msg("odp route: importance must be [T=", p.T, "], got ", imp.sizes()));
+    TORCH_CHECK_TYPE(at::isFloatingType(imp.scalar_type()),
+                     msg("odp route: importance must be floating point, got ", imp.scalar_type()));
+    TORCH_CHECK_VALUE(imp.device() == logits.device(),
+                      msg("odp route: importance is on ", imp.device(), ", logits on ", logits.device()));
     const int64_t n = n_protect(protect_ratio, p.T);
     if (n > 0) {
       // The n largest importances, NaN as -inf, the lower index winning ties; ranked in the importance's

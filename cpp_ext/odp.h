@@ -3,11 +3,50 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <optional>
+#include <string>
 
 namespace mc2gguf_odp {
+
+// Error messages are built here, with std::to_string and string concatenation, and handed to the
+// TORCH_CHECK_* macros as one std::string. Passing numbers to the macros instead instantiates c10::str's
+// ostringstream formatting in this library, which segfaulted when the error was raised with torch
+// 2.11+cu130 built by g++ 13 (seen on the GPU machine, for ints, doubles and sizes alike); a ready-made
+// string goes through c10::str's no-formatting specialisation.
+namespace detail {
+inline void put(std::string& s, const char* v) { s += v; }
+inline void put(std::string& s, const std::string& v) { s += v; }
+inline void put(std::string& s, int64_t v) { s += std::to_string(v); }
+inline void put(std::string& s, int v) { s += std::to_string(v); }
+inline void put(std::string& s, double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  s += buf;
+}
+inline void put(std::string& s, c10::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += "]";
+}
+inline void put(std::string& s, const c10::Device& d) { s += d.str(); }
+inline void put(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
+}  // namespace detail
+
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  (detail::put(s, args), ...);
+  return s;
+}
 
 // The validated, normalised inputs of one call.
 struct Prepared {

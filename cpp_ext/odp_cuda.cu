@@ -41,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(const at::Tensor& logi
                                                           double protect_ratio) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, top_k, mu, protect, importance, protect_ratio);
-  TORCH_CHECK_VALUE(p.k <= kMaxTopK, "odp route: the CUDA kernel supports top_k <= ", kMaxTopK, ", got ", p.k);
+  TORCH_CHECK_VALUE(p.k <= kMaxTopK, 
+                    msg("odp route: the CUDA kernel supports top_k <= ", kMaxTopK, ", got ", p.k));
   at::Tensor ids = at::empty({p.T, p.k}, logits.options().dtype(at::kLong));
   at::Tensor weights = at::empty({p.T, p.k}, logits.options().dtype(at::kFloat));
   at::Tensor n_pruned = at::zeros({}, logits.options().dtype(at::kLong));
