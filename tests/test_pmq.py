@@ -66,7 +66,7 @@ def test_bpw_budget_is_met_and_types_differ(tiny_mixtral, tmp_path, llama_build)
 
 def test_size_budget_gives_a_file_within_the_size(tiny_mixtral, tmp_path):
     out = tmp_path / "m.gguf"
-    target = 1_250_000
+    target = 1_800_000
     assert _convert(tiny_mixtral, out, "--size", str(target), "--palette", K_LADDER, "--eps-method", "rtn") == 0
     assert out.stat().st_size <= target
     assert out.stat().st_size > 0.95 * target
@@ -187,3 +187,14 @@ def test_written_experts_dequantize_to_what_gptq_produced(tiny_mixtral, tmp_path
     else:
         stored = read_tensor(tensors["blk.0.ffn_down_exps.weight"])[expert]
     assert torch.equal(stored, expected.weights)
+
+
+def test_without_calibration_text_the_model_samples_its_own(tiny_mixtral, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    argv = ["convert", str(tiny_mixtral), str(out), "--bpw", "3", "--palette", K_LADDER, "--eps-method", "rtn",
+            "--nsamples", "2", "--seqlen", "32", "--eps-tokens", "32"]
+    assert main(argv) == 0
+    assert "samples itself" in capsys.readouterr().err
+    fields = GGUFReader(out).fields
+    assert "self-sampled" in fields["mc2gguf.calibration.source"].contents()
+    assert fields["mc2gguf.calibration.n_tokens"].contents() == 64
