@@ -34,6 +34,7 @@ TOOL_TARGETS = (
     "llama-imatrix",
     "llama-bench",
     "test-backend-ops",
+    "test-mul-mat-id-skip",
 )
 LIBRARY_TARGETS = ("llama", "ggml", "ggml-base", "ggml-cpu")
 
