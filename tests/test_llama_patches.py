@@ -1,0 +1,34 @@
+"""The llama.cpp patch series, checked through llama.cpp's own test programs on the CPU backend.
+
+(CUDA is checked the same way on a GPU machine; see the README.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def _run(binary, *args: str) -> str:
+    proc = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=1800)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_mul_mat_id_skips_negative_ids(llama_build):
+    """Skipped slots (id -1) give exactly-zero rows; the others equal the unskipped computation, with
+    1 and 4 threads, the reference and optimized paths, and repacked weights."""
+    output = _run(llama_build.binary("test-mul-mat-id-skip"))
+    assert output.splitlines()[-1] == "OK"
+    cpu = next(line for line in output.splitlines() if line.startswith("CPU:"))
+    passed, total = cpu.split()[1].split("/")
+    assert passed == total and int(total) > 1000
+
+
+def test_backend_ops_mul_mat_id_with_skipped_slots(llama_build):
+    output = _run(llama_build.binary("test-backend-ops"), "-b", "CPU", "-o", "MUL_MAT_ID")
+    summary = [line for line in output.splitlines() if "tests passed" in line]
+    assert summary, output[-2000:]
+    passed, total = summary[-1].split()[0].split("/")
+    assert passed == total and int(total) > 1000
+    assert "Backend CPU: OK" in output
