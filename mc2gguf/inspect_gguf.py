@@ -26,6 +26,7 @@ class FileSummary:
     architecture: str
     size: int
     tensors: list[TensorSummary]
+    expert_types: dict[str, list[str]]  # mixed-type expert tensors (docs/gguf-layout.md): base name -> type per expert
 
     @property
     def expert_tensors(self) -> list[TensorSummary]:
@@ -52,7 +53,13 @@ def summarize(path: Path) -> FileSummary:
                       int(t.n_bytes))
         for t in reader.tensors
     ]
-    return FileSummary(path, arch, path.stat().st_size, tensors)
+    by_name = {t.name: t for t in tensors}
+    expert_types = {}
+    for key, field in reader.fields.items():
+        if key.startswith("mc2gguf.blk.") and key.endswith(".groups"):
+            base = key.removeprefix("mc2gguf.").removesuffix(".groups")
+            expert_types[base] = [by_name[f"{base}.{g}.weight"].type_name for g in field.contents()]
+    return FileSummary(path, arch, path.stat().st_size, tensors, expert_types)
 
 
 def render(summary: FileSummary) -> str:
@@ -68,6 +75,10 @@ def render(summary: FileSummary) -> str:
         lines.append(f"              {FileSummary.bits_per_weight(experts):.4f} (experts)")
     counts = Counter(t.type_name for t in summary.tensors)
     lines.append("types:        " + ", ".join(f"{name} x{n}" for name, n in counts.most_common()))
+    if summary.expert_types:
+        lines.append("per-expert types (layers whose experts differ):")
+        for base, types in summary.expert_types.items():
+            lines.append(f"  {base}: " + " ".join(f"{e}:{t}" for e, t in enumerate(types)))
     lines.append("")
     width = max(len(t.name) for t in summary.tensors) if summary.tensors else 10
     for t in summary.tensors:

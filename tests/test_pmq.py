@@ -48,6 +48,12 @@ def test_bpw_budget_is_met_and_types_differ(tiny_mixtral, tmp_path, llama_build)
     assert "files: c4-sample.jsonl" in fields["mc2gguf.calibration.source"].contents()
     assert fields["mc2gguf.calibration.n_tokens"].contents() == 4 * 64
     assert out.with_name(out.name + ".report.png").stat().st_size > 10_000
+    from mc2gguf.inspect_gguf import summarize
+
+    summary = summarize(out)  # per-expert types, as inspect shows them, match the report
+    for layer in range(2):
+        types = [e["type"] for e in report["experts"] if e["layer"] == layer]
+        assert summary.expert_types.get(f"blk.{layer}.ffn_up_exps", types) == types
     # each expert's bytes in its group tensor are those of its chosen type
     tensors = {t.name: t for t in reader.tensors}
     for layer in range(2):
