@@ -88,5 +88,8 @@ def test_llama_cpp_runs_every_type(tiny_mixtral, tmp_path, llama_build, tokens, 
                                                dtype=torch.float32)
     with torch.no_grad():
         expected = model(torch.tensor([tokens])).logits[0].numpy()
-    assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > 0.98
+    # Not exact: llama.cpp rounds activations to 8 bits (Q8_K/Q8_1) for the quantized dot products, and at
+    # 2 bits that noise is amplified differently by each CPU's kernels (0.977 for IQ2_S on one AMD EPYC).
+    # A misread block layout gives a correlation near zero.
+    assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > 0.95
     assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.75
