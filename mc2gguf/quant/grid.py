@@ -17,6 +17,7 @@ All tensors are ``[rows, ...]`` torch tensors; rows are independent.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -67,12 +68,13 @@ class GridFormat(ABC):
         """Integer codes for ``values`` ``[rows, n]`` at columns ``column .. column+n`` of the block."""
         n = values.shape[1]
         sub = torch.arange(column, column + n, device=values.device) // self.sub_block
-        return round_codes(values, scales.scale[:, sub], scales.bias[:, sub], self.qmin, self.qmax)
+        scale, bias = scales.scale.index_select(1, sub), scales.bias.index_select(1, sub)
+        return round_codes(values, scale, bias, self.qmin, self.qmax)
 
     def dequantize_codes(self, codes: torch.Tensor, scales: BlockScales, column: int = 0) -> torch.Tensor:
         n = codes.shape[1]
         sub = torch.arange(column, column + n, device=codes.device) // self.sub_block
-        return scales.scale[:, sub] * codes + scales.bias[:, sub]
+        return scales.scale.index_select(1, sub) * codes + scales.bias.index_select(1, sub)
 
     def sub_blocks(self, block: torch.Tensor) -> torch.Tensor:
         """``[rows, block_size]`` -> ``[rows, n_sub, sub_block]``."""
@@ -84,23 +86,33 @@ def round_codes(
 ) -> torch.Tensor:
     """``clamp(round((x - bias) / scale), qmin, qmax)`` (broadcasting), exactly as ``round_to_grid`` rounds;
     a zero scale gives code 0 (clamped into the grid). Written into ``out`` if given."""
-    inv = _safe_inverse(scale)
+    inv = safe_inverse(scale)
     return torch.sub(x, bias, out=out).mul_(inv).round_().clamp_(qmin, qmax)
 
 
-def _safe_inverse(s: torch.Tensor) -> torch.Tensor:
-    """``1 / s``, 0 where ``s`` is 0."""
-    return torch.where(s != 0, 1.0 / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
+def safe_inverse(s: torch.Tensor) -> torch.Tensor:
+    """``1 / s``, 0 where ``s`` is 0 (or so small that ``1 / s`` overflows)."""
+    return torch.reciprocal(s).nan_to_num_(posinf=0.0, neginf=0.0)
+
+
+def strictly_less(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``a < b``, else 0.0: a float mask for ``lerp`` (exact at 0 and 1), as boolean masks cost
+    several times a multiply on CPU."""
+    return (b - a).sign_().clamp_min_(0.0)
+
+
+# Candidate fits are batched into per-group tensors ``[n, M]`` of at most about this many elements.
+_SCAN_ELEMENTS = 1 << 20
 
 
 class WeightedGroups:
-    """Groups of values ``x`` with importances ``w`` (``[..., g]``), their constant weighted sums, and scratch
-    space for the codes of one candidate grid. Per-group tensors (arguments and results) have the groups'
-    leading shape ``[...]``.
+    """Groups of values ``x`` with importances ``w`` (``[..., g]``, kept as ``[M, g]``), their constant weighted
+    sums, and scratch space for the codes of one candidate grid. Per-group tensors are ``[M]`` (or anything of
+    ``M`` elements as arguments); ``per_group`` gives them the groups' leading shape.
 
-    The scale searches try many candidate grids per group. Each candidate is evaluated by three weighted
-    sums of its codes, from which the least-squares fit and its error follow in closed form; the codes and
-    products go to reused buffers, as fresh full-size temporaries cost several times the arithmetic on them.
+    The scale searches try many candidate grids per group. A candidate is summarised by three weighted sums
+    of its codes, from which the least-squares fit and its error follow in closed form; the codes and products
+    go to reused buffers, as fresh full-size temporaries cost several times the arithmetic on them.
     """
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor):
@@ -109,26 +121,31 @@ class WeightedGroups:
         self.x = x.reshape(-1, g).to(torch.float32)
         self.w = w.reshape(-1, g).to(torch.float32)
         self.wx = self.w * self.x
-        self.sw, self.sx = self._per_group(self.w.sum(-1)), self._per_group(self.wx.sum(-1))
+        self.sw, self.sx = self.w.sum(-1), self.wx.sum(-1)
         self.q = torch.empty_like(self.x)
         self._t = torch.empty_like(self.x)
+        self._ones = torch.ones(g, device=self.x.device)
 
-    def _per_group(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(self.shape)
+    def _sum(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``t.sum(-1)`` of a ``[M, g]`` tensor, as a matrix-vector product: faster for short groups."""
+        return torch.mv(t, self._ones, out=out)
 
-    def amax(self) -> torch.Tensor:
-        """The value of largest magnitude of every group, with its sign."""
-        return self._per_group(self.x.gather(-1, self.x.abs().argmax(-1, keepdim=True)))
-
-    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The smallest and the largest value of every group."""
-        lo, hi = self.x.aminmax(dim=-1)
-        return self._per_group(lo), self._per_group(hi)
+    def per_group(self, t: torch.Tensor) -> torch.Tensor:
+        """``[..., M]`` -> ``[..., *leading shape]``."""
+        return t.reshape(*t.shape[:-1], *self.shape)
 
     @staticmethod
     def column(t: torch.Tensor) -> torch.Tensor:
         """A per-group tensor as ``[M, 1]``, to broadcast against the groups' ``[M, g]`` values."""
         return t.reshape(-1, 1)
+
+    def amax(self) -> torch.Tensor:
+        """The value of largest magnitude of every group, with its sign."""
+        return self.x.gather(-1, self.x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest and the largest value of every group."""
+        return self.x.aminmax(dim=-1)
 
     def codes(self, scale: torch.Tensor, bias: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
         """``round_codes`` of every group for per-group ``scale`` and ``bias``, in the code buffer ``q``."""
@@ -137,15 +154,33 @@ class WeightedGroups:
     def error(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``sum w (x - scale q - bias)^2`` of every group, computed directly (no cancellation)."""
         r = torch.mul(q, self.column(scale), out=self._t)
-        return self._per_group(r.add_(self.column(bias)).sub_(self.x).square_().mul_(self.w).sum(-1))
+        return self._sum(r.add_(self.column(bias)).sub_(self.x).square_().mul_(self.w))
 
-    def sums(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``sum w q``, ``sum w q^2``, ``sum w x q`` of every group."""
+    def sums(self, q: torch.Tensor, out: torch.Tensor | None = None, with_sq: bool = True) -> torch.Tensor:
+        """``[3, M]``: ``sum w q`` (left as in ``out``, zeros by default, unless ``with_sq``), ``sum w q^2``,
+        ``sum w x q`` of every group."""
+        out = torch.zeros(3, q.shape[0], device=q.device) if out is None else out
         t = torch.mul(q, self.w, out=self._t)
-        sq = self._per_group(t.sum(-1))
-        sqq = self._per_group(t.mul_(q).sum(-1))
-        sqx = self._per_group(torch.mul(q, self.wx, out=self._t).sum(-1))
-        return sq, sqq, sqx
+        if with_sq:
+            self._sum(t, out[0])
+        self._sum(t.mul_(q), out[1])
+        self._sum(torch.mul(q, self.wx, out=self._t), out[2])
+        return out
+
+    def scan(self, inverses: list[torch.Tensor], qmin: int, qmax: int, offset: torch.Tensor | None = None,
+             with_sq: bool = True) -> Iterator[torch.Tensor]:
+        """``sums`` ``[3, n, M]`` of the codes ``clamp(round((x - offset) * inv), qmin, qmax)`` for per-group
+        inverse scales ``inverses``, in batches of ``n`` (all but for very many groups): the candidates of a batch
+        are then fitted together, in few calls on larger tensors."""
+        shifted = self.x if offset is None else self.x - self.column(offset)
+        size = max(1, _SCAN_ELEMENTS // self.x.shape[0])
+        for start in range(0, len(inverses), size):
+            batch = inverses[start : start + size]
+            out = torch.zeros(3, len(batch), self.x.shape[0], device=self.x.device)
+            for i, inv in enumerate(batch):
+                q = torch.mul(shifted, self.column(inv), out=self.q).round_().clamp_(qmin, qmax)
+                self.sums(q, out[:, i], with_sq)
+            yield out
 
 
 # --- scale searches shared by the formats ----------------------------------------------------------------
@@ -153,127 +188,127 @@ class WeightedGroups:
 # Both searches follow ggml's idea (try many candidate inverse scales, round, refit the scale by weighted
 # least squares, keep the best) over a superset of ggml's candidates, then alternate re-round and refit
 # steps, neither of which can increase the weighted error. ``x`` and ``w`` are ``[..., g]``; the results
-# are ``[...]``. Candidates are compared by their error less the constant ``sum w x^2``, from the sums.
+# are ``[...]``. A candidate's fit and score (its error less the constant ``sum w x^2``) come from its
+# codes' sums.
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class _Best:
-    """Per-group best candidate so far: the smallest score (weighted error + constant) and its (scale, bias).
-    On a tie the earlier candidate stays."""
+    """Per-group best candidate so far: the smallest score and its (scale, bias); on a tie the earlier stays.
 
-    def __init__(self, like: torch.Tensor):
-        self.score = torch.full_like(like, float("inf"))
-        self.scale = torch.zeros_like(like)
-        self.bias = torch.zeros_like(like)
+    With ``ties_to_finest``, a candidate must beat the best by more than the rounding noise of the scores (a
+    small difference of sums of the size of ``sum w x^2``) to replace it. Mathematical ties are common in a
+    group dominated by one value that every candidate grid fits exactly; the candidates come from the finest
+    scale, so the finest then stays, which leaves a K-quant's super-block scale finest too.
+    """
+
+    def __init__(self, groups: WeightedGroups, ties_to_finest: bool):
+        self.tolerance = (groups.wx * groups.x).sum(-1).mul_(2.0**-21) if ties_to_finest else 0.0
+        self.score = self.scale = self.bias = None
 
     def offer(self, score: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> None:
-        better = score < self.score
-        self.score = torch.where(better, score, self.score)
-        self.scale = torch.where(better, scale, self.scale)
-        self.bias = torch.where(better, bias, self.bias)
+        """Candidates ``[n, M]``, each in turn."""
+        if self.score is None:
+            self.score, self.scale, self.bias = score[0], scale[0], bias[0]
+            score, scale, bias = score[1:], scale[1:], bias[1:]
+        threshold = score + self.tolerance
+        for candidate in zip(score, threshold, scale, bias):
+            self._offer(*candidate)
+
+    def _offer(self, score, threshold, scale, bias) -> None:
+        better = strictly_less(threshold, self.score)
+        self.score = torch.lerp(self.score, score, better)
+        self.scale = self.scale.lerp(scale, better)
+        self.bias = self.bias.lerp(bias, better)
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den``, 0 where ``den`` is 0."""
-    return num / torch.where(den != 0, den, torch.full_like(den, float("inf")))
-
-
-def _symmetric_fit(sqq: torch.Tensor, sqx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares scale of fixed codes and its score ``-sqx^2 / sqq`` (the error less ``sum w x^2``)."""
-    scale = _ratio(sqx, sqq)
-    return scale, -scale * sqx
+def _symmetric_fit(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score, least-squares scale and (zero) bias of codes with ``sums`` (the score is ``-sqx^2 / sqq``)."""
+    _, sqq, sqx = sums
+    scale = sqx / sqq.clamp_min(_TINY)  # codes all 0: sqx = 0 too, and the scale 0
+    return -scale * sqx, scale, torch.zeros_like(scale)
 
 
 def search_symmetric_scale(
     x: torch.Tensor, w: torch.Tensor, qmin: int, qmax: int, n_candidates: int = 21, refine_steps: int = 4,
-    ends: tuple[int, ...] | None = None,
+    ends: tuple[int, ...] | None = None, ties_to_finest: bool = False,
 ) -> torch.Tensor:
     """Scale ``s`` (either sign) minimising ``sum w (x - s q)^2``, ``q = clamp(round(x / s), qmin, qmax)``.
 
     The value of largest magnitude is mapped near either end of the grid (or only near the given ``ends``); a
     negative scale puts a positive maximum on the longer negative side of an asymmetric grid such as Q4_0's
-    [-8, 7], as ggml does.
+    [-8, 7], as ggml does. ``ties_to_finest``: see ``_Best``.
     """
     groups = WeightedGroups(x, w)
-    inv_max = _safe_inverse(groups.amax())
-    best = _Best(inv_max)
-    for end in set(ends or (qmax, qmin)) - {0}:
-        # From the finest scale: on a tie (a group whose error is flat over a range of scales, such as one
-        # value far above the rest) the finest wins, which leaves a K-quant's super-block scale finest too.
-        for step in torch.linspace(1.0, -1.0, n_candidates).tolist():
-            inv = groups.column(inv_max * (end + step if end > 0 else end - step))
-            q = torch.mul(groups.x, inv, out=groups.q).round_().clamp_(qmin, qmax)
-            scale, score = _symmetric_fit(*groups.sums(q)[1:])
-            best.offer(score, scale, best.bias)
+    inv_max = safe_inverse(groups.amax())
+    best = _Best(groups, ties_to_finest)
+    for end in sorted(set(ends or (qmax, qmin)) - {0}, reverse=True):
+        # From the finest scale, which wins ties (see _Best).
+        steps = torch.linspace(1.0, -1.0, n_candidates).tolist()
+        inverses = [inv_max * (end + step if end > 0 else end - step) for step in steps]
+        for sums in groups.scan(inverses, qmin, qmax, with_sq=False):
+            best.offer(*_symmetric_fit(sums))
     for _ in range(refine_steps):
-        scale, score = _symmetric_fit(*groups.sums(groups.codes(best.scale, best.bias, qmin, qmax))[1:])
-        best.offer(score, scale, best.bias)
-    return best.scale
+        q = groups.codes(best.scale, best.bias, qmin, qmax)
+        best.offer(*_symmetric_fit(groups.sums(q, with_sq=False)[:, None]))
+    return groups.per_group(best.scale)
 
 
-def _affine_fit(groups: WeightedGroups, sums, nonpositive_bias: bool) -> tuple[torch.Tensor, ...]:
-    """Weighted least-squares ``(scale >= 0, bias)`` for ``x ~= scale q + bias`` (``bias <= 0`` if asked) from
-    the codes' ``sums``, and its score (the error less ``sum w x^2``).
+def _affine_fit(
+    groups: WeightedGroups, sums: torch.Tensor, nonpositive_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score and weighted least-squares ``(scale >= 0, bias)`` for ``x ~= scale q + bias`` (``bias <= 0`` if
+    asked) of codes (with ``sums``) that grow with ``x``.
 
-    The error is a convex quadratic in ``(scale, bias)``, so the constrained optimum is the unconstrained one
-    if feasible, else the better of the optima on the boundaries ``scale = 0`` and ``bias = 0``: the best of
-    these three (each clamped into the feasible region) is the constrained optimum.
+    Such codes correlate with ``x``, so the unconstrained fit has ``scale >= 0`` (up to rounding); when its
+    bias is positive the constrained optimum lies on the boundary ``bias = 0``.
     """
     sq, sqq, sqx = sums
     sw, sx = groups.sw, groups.sx
-    det = sw * sqq - sq * sq
-    # Codes all equal (det ~ 0) fit no line: the boundary scale = 0 then holds the optimum.
-    det = torch.where(det > 1e-12 * sw * sqq, det, torch.full_like(det, float("inf")))
-    cands = [((sw * sqx - sq * sx) / det).clamp_min_(0.0), torch.zeros_like(sqx)]
+    sw_sqq = sw * sqq
+    # det = sw sqq - sq^2 >= 0 vanishes (up to rounding) when the codes are all equal: then any line through
+    # their weighted mean fits, and the floor only keeps the scale finite.
+    det = torch.addcmul(sw_sqq, sq, sq, value=-1.0).maximum(sw_sqq.mul_(1e-6)).clamp_min_(_TINY)
+    scale = torch.addcmul(sw * sqx, sq, sx, value=-1.0).div_(det).clamp_min_(0.0)
+    bias = torch.addcmul(sx, scale, sq, value=-1.0).div_(sw.clamp_min(_TINY))
     if nonpositive_bias:
-        cands.append(_ratio(sqx, sqq).clamp_min_(0.0))
-    best_score = best_scale = best_bias = None
-    for i, scale in enumerate(cands):
-        if i == 2:  # the boundary bias = 0
-            bias = torch.zeros_like(scale)
-        else:  # the best bias for this scale
-            bias = _ratio(sx - scale * sq, sw)
-            if nonpositive_bias:
-                bias = bias.clamp_max_(0.0)
-        # error - sum w x^2 = s^2 sqq + 2 s b sq + b^2 sw - 2 s sqx - 2 b sx
-        score = scale * (scale * sqq + 2 * (bias * sq - sqx)) + bias * (bias * sw - 2 * sx)
-        if best_score is None:
-            best_score, best_scale, best_bias = score, scale, bias
-        else:
-            better = score < best_score
-            best_score = torch.where(better, score, best_score)
-            best_scale, best_bias = torch.where(better, scale, best_scale), torch.where(better, bias, best_bias)
-    return best_score, best_scale, best_bias
+        positive = bias.sign().clamp_min_(0.0)
+        scale = scale.lerp(sqx / sqq.clamp_min(_TINY), positive).clamp_min_(0.0)
+        bias.clamp_max_(0.0)
+    # error - sum w x^2 = s (s sqq + 2 b sq - 2 sqx) + b (b sw - 2 sx)
+    score = torch.addcmul(scale * sqq, bias, sq, value=2.0).sub_(sqx, alpha=2.0).mul_(scale)
+    score += (bias * sw).sub_(sx, alpha=2.0).mul_(bias)
+    return score, scale, bias
 
 
 def search_affine_scale(
     x: torch.Tensor, w: torch.Tensor, qmax: int, nonpositive_bias: bool, n_candidates: int = 41, refine_steps: int = 4,
-    clips: tuple[float, ...] = (),
+    clips: tuple[float, ...] = (), clip_candidates: int = 7, ties_to_finest: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale >= 0, bias)`` minimising ``sum w (x - scale q - bias)^2``, ``q`` in ``[0, qmax]``.
 
     ``nonpositive_bias`` is the K-quant constraint: they store ``-bias`` as an unsigned minimum. The candidate
     grids span the values' range; each fraction in ``clips`` adds grids that leave that fraction of the span
-    out at the low end, the high end and both (7 candidates each): a grid offset by a fraction of a step, or
-    one that gives up an unimportant extreme value, often fits better, and the refits alone rarely get there.
+    out at the low end, the high end and both (``clip_candidates`` each): a grid offset by a fraction of a step,
+    or one that gives up an unimportant extreme value, often fits better, and the refits alone rarely get there.
+    ``ties_to_finest``: see ``_Best``.
     """
     groups = WeightedGroups(x, w)
     lo, hi = groups.range()
     if nonpositive_bias:
         lo = lo.clamp(max=0.0)
     span = hi - lo
-    best = _Best(lo)
-    best.bias = lo.clone()
+    best = _Best(groups, ties_to_finest)
     ranges = [(0.0, 0.0, n_candidates)]  # (fraction left out at the low end, at the high end, candidates)
     for c in clips:
-        ranges += [(c, 0.0, 7), (0.0, c, 7), (c, c, 7)]
+        ranges += [(c, 0.0, clip_candidates), (0.0, c, clip_candidates), (c, c, clip_candidates)]
     for low, high, n in ranges:  # each from the finest scale, as in search_symmetric_scale
-        shifted = groups.x - groups.column(lo + low * span)
-        inv_width = _safe_inverse(span * (1.0 - low - high))
-        for step in torch.linspace(1.0, -1.0, n).tolist():
-            inv = groups.column(inv_width * (qmax + step))
-            q = torch.mul(shifted, inv, out=groups.q).round_().clamp_(0, qmax)
-            best.offer(*_affine_fit(groups, groups.sums(q), nonpositive_bias))
+        inv_width = safe_inverse(span * (1.0 - low - high))
+        inverses = [inv_width * (qmax + step) for step in torch.linspace(1.0, -1.0, n).tolist()]
+        for sums in groups.scan(inverses, 0, qmax, offset=lo + low * span):
+            best.offer(*_affine_fit(groups, sums, nonpositive_bias))
     for _ in range(refine_steps):
         q = groups.codes(best.scale, best.bias, 0, qmax)
-        best.offer(*_affine_fit(groups, groups.sums(q), nonpositive_bias))
-    return best.scale, best.bias
+        best.offer(*_affine_fit(groups, groups.sums(q)[:, None], nonpositive_bias))
+    return groups.per_group(best.scale), groups.per_group(best.bias)

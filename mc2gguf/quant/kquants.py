@@ -11,10 +11,10 @@ weighted error of a sub-block is an exact quadratic in its ``(scale, bias)`` (``
 scaled from the largest float sub-scale (or min), for each the best integers of every sub-block, and
 least-squares refits of ``d`` / ``dmin`` given the integers. The codes are then re-rounded with the stored
 scales and each sub-block tries its integers one step either way (moves whose gain comes from re-rounding,
-which the fixed-code model cannot see). A second search, whose model also holds the codes just produced,
-and a second pass of moves follow. None of these steps increases the error: the model's error is an upper
-bound of the true one and exact for the current codes, which it holds, and the moves are judged on the true
-error.
+which the fixed-code model cannot see). A second search, whose model holds the codes just produced (the
+affine types' also the float codes), and a second pass of moves follow. None of these steps increases the
+error: the model's error is an upper bound of the true one and exact for the current codes, which it holds,
+and the moves are judged on the true error.
 
 Byte layouts (ggml-common.h; gguf-py's ``dequantize_blocks``). Within each run of 128 weights stored as 2-bit
 fields, weight ``32*g + l`` sits in bits ``2g, 2g+1`` of byte ``l`` (``pack_bits``); nibbles pair weight
@@ -34,16 +34,22 @@ fields, weight ``32*g + l`` sits in bits ``2g, 2g+1`` of byte ``l`` (``pack_bits
 
 from __future__ import annotations
 
-import itertools
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..qtypes import QUANT_TYPES
 from .bits import from_fp16_bytes, pack_bits, pack_nibbles, to_fp16, to_fp16_bytes, unpack_bits, unpack_nibbles
-from .grid import BlockScales, GridFormat, WeightedGroups, search_affine_scale, search_symmetric_scale
+from .grid import (
+    BlockScales, GridFormat, WeightedGroups, safe_inverse, search_affine_scale, search_symmetric_scale, strictly_less,
+)
 
 _FP16_MAX = 65504.0
+
+# The super-scale search evaluates its candidates in batches of tensors ``[C, K, N, n_sub]`` of about this many
+# elements: small enough to stay in cache, large enough that the per-call overhead stays small.
+_BATCH_ELEMENTS = 1 << 18
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -53,13 +59,14 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den``, 0 where ``den`` is 0 (an all-zero block has d = 0 and rounds every sub-scale to 0)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    return num * safe_inverse(den)
 
 
 @dataclass
 class _Fit:
-    """Stored parameters of every super-block: fp16 ``d`` (and ``dmin``) ``[N]``, integer ``sc`` (and ``m``)
-    ``[N, n_sub]`` as float tensors. ``dmin`` and ``m`` are ``None`` for the symmetric types."""
+    """Stored parameters of every super-block: fp16 ``d`` (and ``dmin``) ``[..., N]``, integer ``sc`` (and
+    ``m``) ``[..., N, n_sub]`` as float tensors, with optional leading candidate dimensions. ``dmin`` and ``m``
+    are ``None`` for the symmetric types."""
 
     d: torch.Tensor
     sc: torch.Tensor
@@ -68,19 +75,20 @@ class _Fit:
 
     @property
     def scale(self) -> torch.Tensor:
-        return self.d[:, None] * self.sc  # float32, the product ggml's dequantizer computes
+        return self.d[..., None] * self.sc  # float32, the product ggml's dequantizer computes
 
     @property
     def bias(self) -> torch.Tensor:
-        return torch.zeros_like(self.sc) if self.m is None else -(self.dmin[:, None] * self.m)
+        return torch.zeros_like(self.sc) if self.m is None else -(self.dmin[..., None] * self.m)
 
-    def where(self, better: torch.Tensor, other: _Fit) -> _Fit:
-        """``self`` where ``better`` (``[N]`` per block, or ``[N, n_sub]`` for the integers only), else ``other``."""
-        per_block = better.dim() == 1
-        sub = better[:, None] if per_block else better
+    def select(self, better: torch.Tensor, other: _Fit) -> _Fit:
+        """``self`` where ``better`` is 1, else ``other`` (0/1 floats, ``[N]`` per block or ``[N, n_sub]`` for
+        the integers only)."""
+        per_block = better.dim() == self.d.dim()
+        sub = better[..., None] if per_block else better
 
-        def pick(a, b, mask):
-            return None if a is None else torch.where(mask, a, b)
+        def pick(new, old, mask):
+            return None if new is None else old.lerp(new, mask)
 
         return _Fit(
             d=pick(self.d, other.d, better) if per_block else self.d,
@@ -88,6 +96,17 @@ class _Fit:
             dmin=pick(self.dmin, other.dmin, better) if per_block else self.dmin,
             m=pick(self.m, other.m, sub),
         )
+
+    def take(self, index: torch.Tensor) -> _Fit:
+        """Per block, candidate ``index`` (``[N]`` int64) of the leading candidate dimension."""
+
+        def pick(t):
+            if t is None:
+                return None
+            i = index.view(1, -1, *([1] * (t.dim() - 2))).expand(1, *t.shape[1:])
+            return t.gather(0, i)[0]
+
+        return _Fit(pick(self.d), pick(self.sc), pick(self.dmin), pick(self.m))
 
 
 class _CodeSets:
@@ -99,6 +118,9 @@ class _CodeSets:
     error there. Re-rounding the codes can only do better, so the smallest error over the code sets is an
     upper bound of the true error that stays close to it around the scales the sets were rounded with.
     ``c`` is measured directly at ``(s0, b0)`` (from the sums it would be a small difference of large ones).
+
+    For the affine types the quadratic is kept as ``c + curv ds^2 + sw (db + slope ds)^2``: the best bias for
+    a scale is ``b0 - slope ds``, and a bias off it adds ``sw`` times the squared miss.
     """
 
     _FIELDS = ("s0", "b0", "c", "sqq", "sq", "sw")
@@ -106,15 +128,24 @@ class _CodeSets:
     def __init__(self, s0, b0, c, sqq, sq, sw):
         self.s0, self.b0, self.c, self.sqq, self.sq, self.sw = s0, b0, c, sqq, sq, sw
 
+    @functools.cached_property
+    def slope(self) -> torch.Tensor:
+        return _ratio(self.sq, self.sw)
+
+    @functools.cached_property
+    def curv(self) -> torch.Tensor:
+        return self.sqq - self.sq * self.slope
+
     @staticmethod
     def of_codes(groups: WeightedGroups, fmt: KQuantFormat, fits: list[tuple[torch.Tensor, torch.Tensor]]) -> _CodeSets:
         """The model of the codes ``round_to_grid`` gives for each ``(scale, bias)`` of ``fits``."""
         parts = []
         for scale, bias in fits:
             q = groups.codes(scale, bias, fmt.qmin, fmt.qmax)
-            sq, sqq, sqx = groups.sums(q)
-            # The least-squares fit in float64: the sums are float32, exact to a few ulps.
-            sw, sx, sq64, sqq64, sqx64 = (t.double() for t in (groups.sw, groups.sx, sq, sqq, sqx))
+            sq, sqq, sqx = groups.per_group(groups.sums(q))
+            # The least-squares fit in float64 from the float32 sums (exact to a few ulps).
+            sw, sx = (groups.per_group(t).double() for t in (groups.sw, groups.sx))
+            sq64, sqq64, sqx64 = sq.double(), sqq.double(), sqx.double()
             if fmt.affine:
                 det = sw * sqq64 - sq64 * sq64
                 ok = det > 1e-6 * sw * sqq64
@@ -125,62 +156,72 @@ class _CodeSets:
             else:
                 s0, b0 = _ratio(sqx64, sqq64), torch.zeros_like(sqx)
             s0 = s0.float()
-            parts.append((s0, b0, groups.error(q, s0, b0), sqq, sq, groups.sw))
+            parts.append((s0, b0, groups.per_group(groups.error(q, s0, b0)), sqq, sq, groups.per_group(groups.sw)))
         return _CodeSets(*(torch.stack(t) for t in zip(*parts)))
-
-    def error(self, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        ds = scale - self.s0
-        if bias is None:  # symmetric: the bias stays 0
-            return self.c + self.sqq * ds * ds
-        db = bias - self.b0
-        return self.c + ds * (self.sqq * ds + 2 * self.sq * db) + self.sw * db * db
-
-    def best_bias(self, scale: torch.Tensor) -> torch.Tensor:
-        """The bias of least error for ``scale``."""
-        return self.b0 - _ratio(self.sq, self.sw) * (scale - self.s0)
 
     @staticmethod
     def concat(*parts: _CodeSets) -> _CodeSets:
         return _CodeSets(*(torch.cat([getattr(p, name) for p in parts]) for name in _CodeSets._FIELDS))
 
-    def take(self, k: torch.Tensor) -> _CodeSets:
-        """The model of code set ``k`` (``[N, n_sub]``) of every sub-block, as a single set."""
-        return _CodeSets(*(_take(getattr(self, name), k)[None] for name in _CodeSets._FIELDS))
+    def error(self, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The modelled error of every code set for ``scale`` (and ``bias``), broadcast against ``[K, N, n_sub]``."""
+        ds = scale - self.s0
+        if bias is None:  # symmetric: the bias stays 0
+            return ds.square_().mul_(self.sqq).add_(self.c)
+        return self._affine_error(ds, (bias - self.b0).addcmul_(ds, self.slope))
+
+    def _affine_error(self, ds: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:
+        """The error at a scale ``ds`` off the least-squares one, and a bias ``miss`` off the best for that
+        scale (both overwritten)."""
+        return miss.square_().mul_(self.sw).add_(ds.square_().mul_(self.curv)).add_(self.c)
+
+    def fit_min(self, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m_max: int):
+        """For scales ``d sc``, the nearest mins ``m`` in ``[0, m_max]`` to the best bias (``-dmin m``), and the
+        error: ``(m, error)`` broadcast against ``[K, N, n_sub]``."""
+        ds = (d * sc).sub_(self.s0)
+        best_min = (self.slope * ds).sub_(self.b0)  # minus the best bias for the scale
+        m = (best_min * safe_inverse(dmin)).round_().clamp_(0, m_max)
+        return m, self._affine_error(ds, best_min.addcmul_(dmin, m, value=-1.0))
 
 
-def _best_set(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The smallest error over the code sets ``[K, N, n_sub]`` and the index of its set, ``[N, n_sub]`` each.
+def _best_set(err: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The smallest error over the code sets (dimension -3 of ``[..., K, N, n_sub]``) and each of ``values``
+    (broadcast against ``err``) at that set, ``[..., N, n_sub]`` each. The first set wins a tie.
 
-    A loop over the few sets: torch's ``argmin`` over a leading dimension is very slow on CPU.
+    A loop over the few sets with arithmetic masks: torch's ``min`` with indices over a short dimension, and
+    boolean masks, are very slow on CPU.
     """
-    best, k = err[0], torch.zeros_like(err[0], dtype=torch.uint8)
-    for i in range(1, err.shape[0]):
-        better = err[i] < best
-        best, k = torch.where(better, err[i], best), torch.where(better, i, k)
-    return best, k
-
-
-def _take(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[K, N, n_sub]`` at code set ``k`` ``[N, n_sub]``."""
-    out = t[0]
-    for i in range(1, t.shape[0]):
-        out = torch.where(k == i, t[i], out)
-    return out
+    values = [v.expand_as(err) for v in values]
+    best = err.select(-3, 0)
+    chosen = [v.select(-3, 0) for v in values]
+    for i in range(1, err.shape[-3]):
+        e = err.select(-3, i)
+        better = strictly_less(e, best)
+        best = torch.minimum(best, e)
+        chosen = [c.lerp(v.select(-3, i), better) for c, v in zip(chosen, values)]
+    return (best, *chosen)
 
 
 class _BestFit:
-    """The per-block best ``_Fit`` offered so far and its error ``[N]``."""
+    """The per-block best ``_Fit`` offered so far and its error ``[N]``; the first offered wins a tie."""
 
     def __init__(self):
         self.fit: _Fit | None = None
         self.err: torch.Tensor | None = None
 
     def offer(self, fit: _Fit, err: torch.Tensor) -> None:
+        """One fit (``err`` ``[N]``) or a batch of candidates along a leading dimension (``err`` ``[C, N]``)."""
+        if err.dim() > 1:  # the first best candidate of every block (argmin is slow on CPU)
+            best, index = err[0], torch.zeros_like(err[0])
+            for i in range(1, err.shape[0]):
+                better = strictly_less(err[i], best)
+                best, index = torch.minimum(best, err[i]), torch.maximum(index, better.mul_(i))
+            fit, err = fit.take(index.long()), best
         if self.fit is None:
             self.fit, self.err = fit, err
         else:
-            better = err < self.err
-            self.fit, self.err = fit.where(better, self.fit), torch.where(better, err, self.err)
+            better = strictly_less(err, self.err)
+            self.fit, self.err = fit.select(better, self.fit), torch.minimum(err, self.err)
 
 
 class KQuantFormat(GridFormat):
@@ -188,15 +229,18 @@ class KQuantFormat(GridFormat):
 
     def __init__(
         self, name: str, sub_block: int, qmin: int, qmax: int, sc_min: int, sc_max: int, m_max: int = 0,
-        clips: tuple[float, ...] = (),
+        float_candidates: int = 7, clips: tuple[float, ...] = (), clip_candidates: int = 7,
     ):
         self.qtype = QUANT_TYPES[name]
         self.sub_block, self.qmin, self.qmax = sub_block, qmin, qmax
         self.sc_min, self.sc_max, self.m_max = sc_min, sc_max, m_max
-        # The affine float search also tries ranges clipped by these fractions (``search_affine_scale``):
-        # about half a grid step (the grid's offset matters) and more (an unimportant extreme value). Each
-        # fraction costs 21 candidates; these gained 1-3% of error over Gaussian and Student-t weights.
-        self.clips = clips
+        # Candidates of the float search over the whole range (per end for the symmetric types): fewer than
+        # the shared searches' default do as well here, as the super-scale search re-chooses every scale.
+        self.float_candidates = float_candidates
+        # The affine float search also tries ranges clipped by these fractions (``search_affine_scale``),
+        # ``clip_candidates`` grids each: about half a grid step (the grid's offset matters) and more (an
+        # unimportant extreme value). These gained 1-3% of error over Gaussian and Student-t weights.
+        self.clips, self.clip_candidates = clips, clip_candidates
 
     # Candidate super-scales put the largest sub-scale (or min) of a float fit at ``t`` integer steps, ``t``
     # from 3/4 of the integer range to just past its end (that rounds the largest down to the end, which can
@@ -209,24 +253,28 @@ class KQuantFormat(GridFormat):
     def affine(self) -> bool:
         return self.m_max > 0
 
-    def _ends(self, top: int) -> list[float]:
-        return torch.linspace(0.75 * top, top + 0.5, self.n_candidates).tolist()
+    def _ends(self, top: int) -> torch.Tensor:
+        return torch.linspace(0.75 * top, top + 0.5, self.n_candidates)
 
     # --- choosing the scales -----------------------------------------------------------------------------
 
     def choose_scales(self, block: torch.Tensor, importance: torch.Tensor) -> BlockScales:
         x, w = self.sub_blocks(block), self.sub_blocks(importance)
         if self.affine:
-            # Half the shared search's default candidates do as well here: the super-scale search re-chooses
-            # every scale anyway.
-            float_fits = [search_affine_scale(x, w, self.qmax, nonpositive_bias=True, n_candidates=21, clips=self.clips)]
+            float_fits = [search_affine_scale(
+                x, w, self.qmax, nonpositive_bias=True, n_candidates=self.float_candidates, clips=self.clips,
+                clip_candidates=self.clip_candidates, ties_to_finest=True,
+            )]
         else:
             # A sub-block's best sign depends on the super-block: the grid and the integer scales are one
             # longer on the negative side, so the block's largest values fit finest with both negative. Keep
             # the best codes of either sign and let the super-scale search choose per sub-block.
             zero = torch.zeros_like(x[..., 0])
             float_fits = [
-                (search_symmetric_scale(x, w, self.qmin, self.qmax, ends=(end,)), zero) for end in (self.qmin, self.qmax)
+                (search_symmetric_scale(
+                    x, w, self.qmin, self.qmax, self.float_candidates, ends=(end,), ties_to_finest=True
+                ), zero)
+                for end in (self.qmin, self.qmax)
             ]
         groups = WeightedGroups(x, w)
         float_sets = _CodeSets.of_codes(groups, self, float_fits)
@@ -234,12 +282,17 @@ class KQuantFormat(GridFormat):
         for _ in range(self.rounds):
             fit = self._step_sub_scales(groups, fit)
             current = _CodeSets.of_codes(groups, self, [(fit.scale, fit.bias)])
-            fit = self._search(_CodeSets.concat(current, float_sets), float_sets, fit)
+            # The symmetric types' current codes already hold each sub-block's better sign: their float codes
+            # would triple the second search's cost for no measurable gain.
+            if self.affine:
+                current = _CodeSets.concat(current, float_sets)
+            fit = self._search(current, float_sets, fit)
         return self._block_scales(self._step_sub_scales(groups, fit))
 
     def _search(self, sets: _CodeSets, float_sets: _CodeSets, current: _Fit | None) -> _Fit:
         """The stored parameters of least modelled error; the candidates scale the float fits' largest
-        sub-block scales (and mins), ``current`` (if any) is one of them."""
+        sub-block scales (and mins), ``current`` (if any) is one of them. Candidates are evaluated in batches
+        along a leading dimension (tensors ``[C, K, N, n_sub]``)."""
         best = _BestFit()
         if current is not None:
             best.offer(current, _best_set(sets.error(current.scale, current.bias))[0].sum(-1))
@@ -249,61 +302,76 @@ class KQuantFormat(GridFormat):
             self._search_symmetric(sets, float_sets, best)
         return best.fit
 
+    @staticmethod
+    def _candidates(refs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Super-scales ``ref / t`` for every reference ``[R, N]`` and end ``t``: ``[R * T, N]``, fp16."""
+        return _fp16(refs[:, None, :] / ends.to(refs.device)[:, None]).flatten(0, 1)
+
+    @staticmethod
+    def _batches(candidates: torch.Tensor, sets: _CodeSets) -> tuple[torch.Tensor, ...]:
+        """``candidates`` ``[C, N]`` in batches whose evaluation tensors ``[C', K, N, n_sub]`` stay in cache."""
+        return candidates.split(max(1, _BATCH_ELEMENTS // sets.s0.numel()))
+
     def _search_symmetric(self, sets: _CodeSets, float_sets: _CodeSets, best: _BestFit) -> None:
         """``d`` and ``sc`` minimising ``sum_j min_k c_kj + sqq_kj (d sc_j - s0_kj)^2``."""
         # Either sign of d: each sub-block then takes the code set (so the sign) that suits d best.
-        ends = self._ends(self.sc_max) + [-t for t in self._ends(-self.sc_min)]
-        for ref, t in itertools.product(float_sets.s0.abs().amax(-1), ends):
-            d = _fp16(ref / t)
+        ends = torch.cat([self._ends(self.sc_max), -self._ends(-self.sc_min)])
+        for d in self._batches(self._candidates(float_sets.s0.abs().amax(-1), ends), sets):
             for _ in range(2):  # round the sub-scales, refit d to them, round again
-                sc = torch.round(_ratio(sets.s0, d[:, None])).clamp_(self.sc_min, self.sc_max)
-                err, k = _best_set(sets.error(d[:, None] * sc))
-                sc = _take(sc, k)
-                best.offer(_Fit(d, sc), err.sum(-1))
-                sqq = _take(sets.sqq, k)
-                d = _fp16(_ratio((sc * sqq * _take(sets.s0, k)).sum(-1), (sc * sc * sqq).sum(-1)))
+                d = self._offer_symmetric(sets, d, best)
+
+    def _offer_symmetric(self, sets: _CodeSets, d: torch.Tensor, best: _BestFit) -> torch.Tensor:
+        """Offers candidates ``d`` ``[C, N]`` with their best ``sc``; returns their least-squares refits."""
+        dd = d[:, None, :, None]
+        sc = (sets.s0 * safe_inverse(dd)).round_().clamp_(self.sc_min, self.sc_max)
+        err, sc, sqq, s0 = _best_set(sets.error(dd * sc), sc, sets.sqq, sets.s0)
+        best.offer(_Fit(d, sc), err.sum(-1))
+        sc_sqq = sc * sqq
+        return _fp16(_ratio((sc_sqq * s0).sum(-1), sc_sqq.mul_(sc).sum(-1)))
 
     def _search_affine(self, sets: _CodeSets, float_sets: _CodeSets, best: _BestFit) -> None:
         """``d, dmin, sc, m`` by coordinate search: ``d`` for the current (or a first) ``dmin``, then ``dmin``
         for the best ``d``, then both refit by least squares."""
-        s_refs = float_sets.s0.clamp_min(0).amax(-1)
         m_refs = (-float_sets.b0).clamp_min(0).amax(-1)
         dmin = _fp16(m_refs.amax(0) / self.m_max) if best.fit is None else best.fit.dmin
-        for s_ref, t in itertools.product(s_refs, self._ends(self.sc_max)):
-            best.offer(*self._sub_scales_affine(sets, _fp16(s_ref / t), dmin)[:2])
+        for d in self._batches(self._candidates(float_sets.s0.clamp_min(0).amax(-1), self._ends(self.sc_max)), sets):
+            best.offer(*self._sub_scales_affine(sets, d, dmin.expand_as(d))[:2])
         d = best.fit.d
-        for m_ref, t in itertools.product(m_refs, self._ends(self.m_max)):
-            best.offer(*self._sub_scales_affine(sets, d, _fp16(m_ref / t))[:2])
-        fit, _, chosen = self._sub_scales_affine(sets, best.fit.d, best.fit.dmin)
+        for dmin in self._batches(self._candidates(m_refs, self._ends(self.m_max)), sets):
+            best.offer(*self._sub_scales_affine(sets, d.expand_as(dmin), dmin)[:2])
+        fit, _, chosen = self._sub_scales_affine(sets, best.fit.d[None], best.fit.dmin[None], chosen=True)
         best.offer(*self._sub_scales_affine(sets, *self._refit_affine(fit, chosen))[:2])
 
     def _sub_scales_affine(
-        self, sets: _CodeSets, d: torch.Tensor, dmin: torch.Tensor
-    ) -> tuple[_Fit, torch.Tensor, _CodeSets]:
-        """For given ``d, dmin``: the best ``sc`` (the nearest to the code set's scale, or one step off) and for
-        each the best ``m`` (the nearest to the best bias for that scale) of every sub-block, over the code
-        sets; their error per block, and the model of the code set each sub-block took."""
-        sc0 = torch.round(_ratio(sets.s0, d[:, None]))
-        best_err = best_sc = best_m = None
-        for step in (-1, 0, 1):
-            sc = (sc0 + step).clamp_(0, self.sc_max)
-            s = d[:, None] * sc
-            m = torch.round(_ratio(-sets.best_bias(s), dmin[:, None])).clamp_(0, self.m_max)
-            err = sets.error(s, -(dmin[:, None] * m))
-            if best_err is None:
-                best_err, best_sc, best_m = err, sc, m
+        self, sets: _CodeSets, d: torch.Tensor, dmin: torch.Tensor, chosen: bool = False
+    ) -> tuple[_Fit, torch.Tensor, _CodeSets | None]:
+        """For candidate ``d, dmin`` ``[C, N]``: the best ``sc`` (near the code set's scale) and for each the
+        best ``m`` (the nearest to the best bias for that scale) of every sub-block, over the code sets; their
+        error per block ``[C, N]``, and if asked the model of the code set each sub-block took (fields
+        ``[C, 1, N, n_sub]``)."""
+        dd, dm = d[:, None, :, None], dmin[:, None, :, None]
+        # The sub-scales either side of the code set's scale (with the best bias for each scale the error is a
+        # convex quadratic in the scale, least between the two), then the one below: the min is rounded too,
+        # and a smaller scale sometimes rounds it better.
+        floor = (sets.s0 * safe_inverse(dd)).floor_()
+        err = sc = m = None
+        for offset in (0, 1, -1):
+            sc_o = (floor + offset).clamp_(0, self.sc_max)
+            m_o, err_o = sets.fit_min(dd, sc_o, dm, self.m_max)
+            if err is None:
+                err, sc, m = err_o, sc_o, m_o
             else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_sc, best_m = torch.where(better, sc, best_sc), torch.where(better, m, best_m)
-        err, k = _best_set(best_err)
-        return _Fit(d, _take(best_sc, k), dmin, _take(best_m, k)), err.sum(-1), sets.take(k)
+                better = strictly_less(err_o, err)
+                err, sc, m = torch.minimum(err, err_o), sc.lerp_(sc_o, better), m.lerp_(m_o, better)
+        fields = [getattr(sets, n) for n in _CodeSets._FIELDS] if chosen else []
+        err, sc, m, *fields = _best_set(err, sc, m, *fields)
+        return _Fit(d, sc, dmin, m), err.sum(-1), _CodeSets(*(t[:, None] for t in fields)) if chosen else None
 
     def _refit_affine(self, fit: _Fit, chosen: _CodeSets) -> tuple[torch.Tensor, torch.Tensor]:
         """Least-squares ``(d, dmin >= 0)`` for the block's integers ``sc, m`` in the sub-blocks' chosen code
         set models, rounded to fp16: the scale is ``d sc`` and the bias ``-dmin m``."""
         sc, m = fit.sc, fit.m
-        sqq, sq, sw, s0, b0 = chosen.sqq[0], chosen.sq[0], chosen.sw[0], chosen.s0[0], chosen.b0[0]
+        sqq, sq, sw, s0, b0 = (getattr(chosen, n)[:, 0] for n in ("sqq", "sq", "sw", "s0", "b0"))
         # Normal equations of the model's error in (d, dmin): [[a11, a12], [a12, a22]] (d, dmin) = (r1, r2).
         a11 = (sc * sc * sqq).sum(-1)
         a22 = (m * m * sw).sum(-1)
@@ -329,14 +397,14 @@ class KQuantFormat(GridFormat):
             m = None if fit.m is None else (fit.m + dm).clamp_(0, self.m_max)
             cand = _Fit(fit.d, sc, fit.dmin, m)
             err = self._sub_error(groups, cand)
-            better = err < best_err
-            best, best_err = cand.where(better, best), torch.where(better, err, best_err)
+            better = strictly_less(err, best_err)
+            best, best_err = cand.select(better, best), torch.minimum(err, best_err)
         return best
 
     def _sub_error(self, groups: WeightedGroups, fit: _Fit) -> torch.Tensor:
         """The weighted error of every sub-block with the codes ``round_to_grid`` would write."""
         scale, bias = fit.scale, fit.bias
-        return groups.error(groups.codes(scale, bias, self.qmin, self.qmax), scale, bias)
+        return groups.per_group(groups.error(groups.codes(scale, bias, self.qmin, self.qmax), scale, bias))
 
     def _block_scales(self, fit: _Fit) -> BlockScales:
         """``fields``: ``d``, ``scales`` (the integer ``sc``, signed for Q3_K/Q6_K: Q3_K's packer adds the
@@ -379,7 +447,10 @@ def _unpack_k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Q2KFormat(KQuantFormat):
     def __init__(self):
-        super().__init__("Q2_K", sub_block=16, qmin=0, qmax=3, sc_min=0, sc_max=15, m_max=15, clips=(0.1, 0.2))
+        super().__init__(
+            "Q2_K", sub_block=16, qmin=0, qmax=3, sc_min=0, sc_max=15, m_max=15,
+            float_candidates=11, clips=(0.1, 0.2), clip_candidates=5,
+        )
 
     def pack(self, codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:
         f = scales.fields
@@ -416,7 +487,10 @@ class Q45KFormat(KQuantFormat):
     """Q4_K and Q5_K: the same scales; Q5_K adds the codes' 5th bits before the nibbles."""
 
     def __init__(self, name: str, bits: int, clips: tuple[float, ...]):
-        super().__init__(name, sub_block=32, qmin=0, qmax=2**bits - 1, sc_min=0, sc_max=63, m_max=63, clips=clips)
+        super().__init__(
+            name, sub_block=32, qmin=0, qmax=2**bits - 1, sc_min=0, sc_max=63, m_max=63,
+            float_candidates=11, clips=clips,
+        )
         self.bits = bits
 
     def pack(self, codes: torch.Tensor, scales: BlockScales) -> torch.Tensor:
