@@ -108,6 +108,8 @@ def _layer_pass(adapter: ArchAdapter, cal: CalibrationSet, work: WorkDir, stage:
     n = adapter.moe.n_layers
     done = [i for i in range(n) if work.has(stage, f"layer-{i:03d}")]
     start = len(done)
+    if start == n:  # finished before the interruption (its last hidden state is already discarded)
+        return
     h = work.load(stage, f"hidden-{start - 1:03d}") if start else adapter.embed(cal.tokens)
     with tqdm(total=n, initial=start, unit="layer", desc=desc, file=sys.stderr) as bar:
         for i in range(start, n):
@@ -245,6 +247,9 @@ def pmq_metadata(records: list[dict], cal: CalibrationSet, opts: PMQOptions, all
         KeyValue("mc2gguf.odp.protect_norm", [float(r["router_norm_quantiles"][protect_index]) for r in records],
                  GGUFValueType.ARRAY, f32),
         KeyValue("mc2gguf.odp.protect_ratio", float(opts.protect_ratio), f32),
+        # Lets llama.cpp protect another fraction of the tokens at run time (--moe-protect).
+        KeyValue("mc2gguf.odp.router_norm_quantiles", [float(v) for r in records for v in r["router_norm_quantiles"]],
+                 GGUFValueType.ARRAY, f32),
         KeyValue("mc2gguf.allocation", json.dumps(summary, sort_keys=True), GGUFValueType.STRING),
         KeyValue("mc2gguf.calibration.source", cal.source, GGUFValueType.STRING),
         KeyValue("mc2gguf.calibration.n_tokens", cal.n_tokens, GGUFValueType.UINT64),

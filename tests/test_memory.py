@@ -9,6 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 from mc2gguf.testmodel import TinyMixtralConfig, build_tiny_mixtral
 
@@ -43,3 +46,40 @@ def test_conversion_fits_a_memory_cap_smaller_than_the_model(tmp_path, tokenizer
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.stat().st_size > model_bytes / 4  # Q8_0 of an fp32 model: about 0.27x
 
+
+PMQ_CONFIG = TinyMixtralConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=8,
+                               num_key_value_heads=2, num_local_experts=4)
+# One layer of PMQ's working set: fp32 weights, float64 Hessians (gate/up share one), activations.
+PMQ_LAYER_BYTES = 4 * (3 * 4 * 512 * 1024 + 4 * 512 * 512) + 8 * 4 * (512 * 512 + 1024 * 1024)
+
+PMQ_CHILD = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    from mc2gguf.cli import main
+
+    rss = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+    src, out, calib = sys.argv[1:4]
+    main(["convert", src, out + ".warmup", "--type", "Q4_0"])  # imports, upstream metadata, allocator warm-up
+    base = rss()
+    code = main(["convert", src, out, "--bpw", "6", "--palette", "Q4_0,Q8_0", "--eps-method", "rtn",
+                 "--calib", calib, "--nsamples", "2", "--seqlen", "64", "--eps-tokens", "64"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("rss-growth", peak - base, flush=True)
+    sys.exit(code)
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-23: PMQ's peak RSS grows by 1003 MiB on this 267 MiB model "
+                   "(one layer's working set: 68 MiB); PMQ memory is not yet bounded by one layer")
+def test_pmq_peak_memory_is_about_one_layer(tmp_path, tokenizer_model):
+    """PMQ holds one layer (weights, Hessians, activations): its peak RSS growth stays well below the model."""
+    model = build_tiny_mixtral(tmp_path / "model", tokenizer_model, config=PMQ_CONFIG)
+    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    calib = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4" / "c4-sample.jsonl"
+    proc = subprocess.run([sys.executable, "-c", PMQ_CHILD, str(model), str(tmp_path / "out.gguf"), str(calib)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = int(proc.stdout.split("rss-growth")[1].split()[0])
+    print(f"PMQ peak RSS growth {growth / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB; "
+          f"one layer's working set {PMQ_LAYER_BYTES / 2**20:.0f} MiB")
+    assert growth < 2 * PMQ_LAYER_BYTES < model_bytes

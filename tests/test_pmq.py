@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +15,8 @@ import pytest
 from gguf import GGUFReader
 
 from mc2gguf.cli import main
+from mc2gguf.gguf_in import read_tensor
+from mc2gguf.qtypes import quant_type
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 C4 = SHARED_DATA / "c4" / "c4-sample.jsonl"
@@ -38,6 +45,9 @@ def test_bpw_budget_is_met_and_types_differ(tiny_mixtral, tmp_path, llama_build)
     fields = reader.fields
     assert len(fields["mc2gguf.odp.mu"].contents()) == 2
     assert 0.0 < min(fields["mc2gguf.odp.mu"].contents()) <= 1.0
+    quantiles = np.array(fields["mc2gguf.odp.router_norm_quantiles"].contents()).reshape(2, 101)
+    assert (np.diff(quantiles, axis=1) >= 0).all() and quantiles[:, 0].min() > 0
+    assert np.allclose(quantiles[:, 98], fields["mc2gguf.odp.protect_norm"].contents())  # default ratio 0.02
     assert "files: c4-sample.jsonl" in fields["mc2gguf.calibration.source"].contents()
     assert fields["mc2gguf.calibration.n_tokens"].contents() == 4 * 64
     assert out.with_name(out.name + ".report.png").stat().st_size > 10_000
@@ -132,3 +142,68 @@ def test_bad_calibration_input(tiny_mixtral, tmp_path, capsys, content, message)
     assert main(argv) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_after_kill_is_byte_identical(tiny_mixtral, tmp_path):
+    argv = [sys.executable, "-m", "mc2gguf.cli", "convert", str(tiny_mixtral), "OUT", *SMALL, "--bpw", "4.5",
+            "--palette", "Q3_K,Q4_K,Q6_K", "--eps-method", "rtn", "--sequential"]
+    reference = tmp_path / "ref.gguf"
+    subprocess.run([a if a != "OUT" else str(reference) for a in argv], check=True, capture_output=True)
+    out = tmp_path / "resumed.gguf"
+    work = tmp_path / "resumed.gguf.mc2gguf-work"
+    proc = subprocess.Popen([a if a != "OUT" else str(out) for a in argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / "quantize" / "layer-000.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    subprocess.run([a if a != "OUT" else str(out) for a in argv], check=True, capture_output=True)
+    assert out.read_bytes() == reference.read_bytes()
+    assert not work.exists()
+
+
+def test_written_experts_dequantize_to_what_gptq_produced(tiny_mixtral, tmp_path):
+    """The file's expert bytes are GPTQ's output for the chosen type (not a re-quantization)."""
+    import torch
+
+    from mc2gguf.archs import adapter_for
+    from mc2gguf.calib_data import load_calibration
+    from mc2gguf.calibrate import calibrate_layer
+    from mc2gguf.checkpoint import Checkpoint
+    from mc2gguf.gptq import gptq_quantize
+
+    out = tmp_path / "m.gguf"
+    assert _convert(tiny_mixtral, out, "--bpw", "3", "--palette", K_LADDER, "--eps-method", "rtn") == 0
+    report = _report(out)
+    adapter = adapter_for(Checkpoint(tiny_mixtral))
+    cal = load_calibration(tiny_mixtral, [C4], 4, 64, 0)
+    layer = adapter.load_layer(0)
+    with torch.inference_mode():
+        _, calibration = calibrate_layer(adapter, layer, adapter.embed(cal.tokens), 0, 0)
+    expert = 2
+    qtype = quant_type(next(e["type"] for e in report["experts"] if e["layer"] == 0 and e["expert"] == expert))
+    expected = gptq_quantize(layer.experts[expert].down, calibration.experts[expert].hessians["down"], qtype)
+    reader = GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    key = "mc2gguf.blk.0.ffn_down_exps.groups"
+    if key in reader.fields:
+        groups = list(reader.fields[key].contents())
+        g = groups[expert]
+        stored = read_tensor(tensors[f"blk.0.ffn_down_exps.{g}.weight"])[groups[:expert].count(g)]
+    else:
+        stored = read_tensor(tensors["blk.0.ffn_down_exps.weight"])[expert]
+    assert torch.equal(stored, expected.weights)
+
+
+def test_without_calibration_text_the_model_samples_its_own(tiny_mixtral, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    argv = ["convert", str(tiny_mixtral), str(out), "--bpw", "3", "--palette", K_LADDER, "--eps-method", "rtn",
+            "--nsamples", "2", "--seqlen", "32", "--eps-tokens", "32"]
+    assert main(argv) == 0
+    assert "samples itself" in capsys.readouterr().err
+    fields = GGUFReader(out).fields
+    assert "self-sampled" in fields["mc2gguf.calibration.source"].contents()
+    assert fields["mc2gguf.calibration.n_tokens"].contents() == 64
