@@ -62,6 +62,16 @@ class BuildConfig:
     cuda: bool = False
     cuda_archs: str = DEFAULT_CUDA_ARCHS
     patches: tuple[Path, ...] = field(default_factory=lambda: tuple(sorted(PATCH_DIR.glob("*.patch"))))
+    # build the shared libraries (and the Python bindings) only, no tools: e.g. the unpatched reference build
+    libraries_only: bool = False
+
+    @classmethod
+    def unpatched(cls) -> "BuildConfig":
+        """The pinned llama.cpp without the patch series, libraries only (the tests' bit-exact reference)."""
+        return cls(patches=(), libraries_only=True)
+
+    def targets(self) -> tuple[str, ...]:
+        return LIBRARY_TARGETS if self.libraries_only else (*TOOL_TARGETS, *LIBRARY_TARGETS)
 
     def cmake_flags(self) -> list[str]:
         flags = list(BASE_CMAKE_FLAGS)
@@ -74,6 +84,8 @@ class BuildConfig:
         digest.update(f"{LLAMA_CPP_PYTHON_VERSION}\0{' '.join(self.cmake_flags())}\0".encode())
         for patch in self.patches:
             digest.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
+        if self.libraries_only:
+            digest.update(b"libraries-only\0")
         return digest.hexdigest()[:12]
 
 
@@ -190,9 +202,9 @@ def build_llama(config: BuildConfig | None = None, jobs: int | None = None) -> L
 
     With ``MC2GGUF_LLAMA_BUILD`` set, that build is used as it is (see ``find_llama_build``).
     """
-    if os.environ.get("MC2GGUF_LLAMA_BUILD"):
-        return find_llama_build(config)
     config = config or BuildConfig()
+    if os.environ.get("MC2GGUF_LLAMA_BUILD") and config.patches == BuildConfig().patches:
+        return find_llama_build(config)
     build = _build_location(config)
     if build.stamp.exists():
         return build
@@ -201,7 +213,7 @@ def build_llama(config: BuildConfig | None = None, jobs: int | None = None) -> L
     _run(["cmake", "-S", str(build.source_dir), "-B", str(build.build_dir), *config.cmake_flags()], log)
     jobs = jobs or os.cpu_count() or 1
     _run(["cmake", "--build", str(build.build_dir), "-j", str(jobs),
-          "--target", *TOOL_TARGETS, *LIBRARY_TARGETS], log)
+          "--target", *config.targets()], log)
     _install_bindings(build, log)
     build.stamp.write_text(" ".join(config.cmake_flags()) + "\n")
     return build
