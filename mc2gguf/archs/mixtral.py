@@ -152,10 +152,15 @@ class MixtralAdapter(ArchAdapter):
         return x @ layer.tensors["router"].T
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixtral: softmax over all experts, top-k, renormalise the k weights."""
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.moe.top_k, dim=-1)
-        return ids, weights / weights.sum(-1, keepdim=True)
+        """Mixtral: softmax over all experts, top-k, renormalise the k weights.
+
+        Computed as ODP's rule with mu = 0 (docs/odp.md: the softmax denominator cancels), so that pruning
+        with mu = 0 is bit-identical to plain routing rather than equal up to rounding.
+        """
+        from ..odp import route
+
+        ids, weights, _ = route(logits, self.moe.top_k, 0.0)
+        return ids, weights
 
     def expert_activation(self, expert: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x @ expert.gate.T) * (x @ expert.up.T)
