@@ -65,6 +65,87 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.workdir), quant_type(args.type), args.prompt)
 
 
+def _cmd_build_reference(args: argparse.Namespace) -> None:
+    from .reference_moe import build_reference_moe, default_out_dir
+
+    result = build_reference_moe(
+        Path(args.out).expanduser() if args.out else default_out_dir(),
+        Path(args.calib) if args.calib else None, seed=args.seed, n_tokens=args.tokens,
+        expert_width=args.width, evaluate=not args.no_eval, wikitext=Path(args.wikitext) if args.wikitext else None,
+    )
+    stamp = result.stamp
+    print(("found cached build" if result.cached else f"built in {stamp['build_seconds']:.0f} s") +
+          f": {stamp['parameters']['total'] / 1e6:.1f}M parameters ({stamp['parameters']['active'] / 1e6:.1f}M active)")
+    if "perplexity" in stamp:
+        ppl = stamp["perplexity"]
+        print(f"{ppl['dataset']} perplexity ({ppl['tokens']} tokens, {ppl['windows']} windows of {ppl['window']}): "
+              f"dense {ppl['dense']:.2f}, MoE {ppl['moe']:.2f} ({ppl['ratio']:.2f}x dense)")
+    print(result.path)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import EvalOptions, run_eval
+
+    def floats(text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise Mc2ggufError(f"--mu-scale takes comma-separated numbers, got {text!r}") from None
+
+    run_eval(EvalOptions(
+        model=Path(args.model), text=Path(args.text), gguf=Path(args.gguf) if args.gguf else None, odp=args.odp,
+        protections=tuple(args.protection.split(",")), protect=args.protect, mu_scales=floats(args.mu_scale),
+        ctx=args.ctx, chunks=args.chunks, calibrate_odp=tuple(Path(c) for c in args.calibrate_odp),
+        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+        odp_params=Path(args.odp_params) if args.odp_params else None,
+        save_odp=Path(args.save_odp) if args.save_odp else None,
+        json_out=Path(args.json) if args.json else None, threads=args.threads, tokenizer=args.tokenizer,
+    ))
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a ratio between 0 and 1, got {text!r}")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser, ctx_help: str) -> None:
+    p.add_argument("model", help="GGUF file")
+    p.add_argument("--ctx", type=int, default=4096, help=ctx_help)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--moe-prune", type=_on_off, default=None, metavar="on|off",
+                   help="ODP: drop a token's second expert when its routing weight is small next to the first's "
+                        "(default: on for files with ODP metadata)")
+    p.add_argument("--moe-protect", type=_ratio, default=None, metavar="RATIO",
+                   help="ODP: fraction of tokens never pruned (default: the calibrated fraction in the file)")
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .interactive import run_chat
+
+    return run_chat(Path(args.model), system=args.system, n_ctx=args.ctx, n_threads=args.threads,
+                    max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed, moe_prune=args.moe_prune,
+                    moe_protect=args.moe_protect)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .interactive import run_server
+
+    return run_server(Path(args.model), host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads,
+                      parallel=args.parallel, moe_prune=args.moe_prune, moe_protect=args.moe_protect,
+                      extra=args.server_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mc2gguf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +202,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
     p.set_defaults(func=_cmd_build_llama)
 
+    p = sub.add_parser("build-reference", help="build (or find cached) the real-weights reference MoE (8 experts, top-2) "
+                       "from pretrained SmolLM2-135M-Instruct; prints its directory")
+    p.add_argument("--out", help="output directory (default: reference-moe in the mc2gguf cache, "
+                                 "$MC2GGUF_CACHE or ~/.cache/mc2gguf)")
+    p.add_argument("--calib", help="calibration text, plain or JSONL (default: ../shared/data/c4/c4-sample.jsonl "
+                                   "beside the checkout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=32768, help="calibration tokens, in windows of 1024 (default 32768)")
+    p.add_argument("--width", type=int, default=768, help="expert width, a multiple of 256 (default 768)")
+    p.add_argument("--wikitext", help="evaluation text (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--no-eval", action="store_true", help="skip the dense vs MoE perplexity measurement")
+    p.set_defaults(func=_cmd_build_reference)
+
+    p = sub.add_parser("eval", help="perplexity in PyTorch as llama-perplexity computes it, optionally with the GGUF's "
+                       "weights and ODP (docs/odp.md)")
+    p.add_argument("model", help="Hugging Face Mixtral directory (config, weights, tokenizer)")
+    p.add_argument("--text", required=True, help="evaluation text, e.g. ../shared/data/wikitext-2-raw/wiki.test.raw")
+    p.add_argument("--gguf", help="run the weights of this GGUF (every tensor, dequantized) and use its ODP metadata")
+    p.add_argument("--odp", choices=("on", "off"), help="default: on when ODP parameters are available")
+    p.add_argument("--protection", default="norm",
+                   help="none, attention, norm or both; comma-separated to compare (default: norm)")
+    p.add_argument("--protect", type=float, help="fraction of protected tokens (default: the parameters', else 0.02)")
+    p.add_argument("--mu-scale", default="1", help="multiply every layer's mu; comma-separated to sweep (default 1)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, help="evaluate at most this many chunks (default: all)")
+    p.add_argument("--calibrate-odp", action="append", default=[], metavar="CALIB_FILE",
+                   help="calibrate mu and the norm thresholds on this text (plain or JSONL); repeatable")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default: --ctx)")
+    p.add_argument("--seed", type=int, default=0, help="calibration window seed")
+    p.add_argument("--odp-params", help="ODP parameters JSON (mu, protect_norm, protect_ratio), e.g. from --save-odp")
+    p.add_argument("--save-odp", help="write the ODP parameters used (the converter's form) to this JSON")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--tokenizer", choices=("auto", "llama", "hf"), default="auto",
+                   help="llama: llama.cpp's own tokenization of the --gguf vocabulary (what llama-perplexity sees); "
+                        "hf: the model directory's; auto (default): llama with --gguf when llama.cpp is built")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("chat", help="chat with a GGUF in the terminal (streamed, the file's chat template); "
+                       "with piped input: one message per line")
+    _add_run_options(p, "context size in tokens (default 4096); the oldest exchanges are dropped when it is full")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512; 0: no limit)")
+    p.add_argument("--temp", type=float, default=0.8, help="sampling temperature (default 0.8; 0: greedy)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a GGUF with the patched llama-server (OpenAI-compatible HTTP API)",
+                       usage="%(prog)s [options] model [-- extra llama-server args]")
+    _add_run_options(p, "context size in tokens, shared by the --parallel slots (default 4096)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--parallel", type=int, default=None, help="concurrent request slots (default: llama-server's)")
+    p.set_defaults(func=_cmd_serve, server_args=[])
+
     p = sub.add_parser("demo", help="build a small seeded Mixtral, convert it and run it in llama.cpp")
     p.add_argument("--workdir", default="mc2gguf-demo", help="where the model and GGUF go (default: ./mc2gguf-demo)")
     p.add_argument("--type", default="Q4_K", help=type_help + "; default Q4_K")
@@ -130,16 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if "--" in argv:  # `serve ... -- ARGS`: ARGS go to llama-server untouched
+        argv, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if passthrough:
+        if not hasattr(args, "server_args"):
+            parser.error(f"arguments after '--' are only for `mc2gguf serve`: {' '.join(passthrough)}")
+        args.server_args = passthrough
     try:
-        args.func(args)
+        status = args.func(args)
     except Mc2ggufError as e:
         print(f"mc2gguf: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mc2gguf: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
