@@ -92,4 +92,7 @@ def test_llama_cpp_runs_every_type(tiny_mixtral, tmp_path, llama_build, tokens, 
     # 2 bits that noise is amplified differently by each CPU's kernels (0.977 for IQ2_S on one AMD EPYC).
     # A misread block layout gives a correlation near zero.
     assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > 0.95
-    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.75
+    # The random model's logits are nearly flat, so below 3 bits the same 8-bit activation noise flips a few
+    # of the 20 argmaxes (0.70 for IQ2_S on this machine); a misread layout agrees on about 1 in 512.
+    agreement = 0.75 if quant_type(type_name).bits_per_weight >= 3 else 0.5
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= agreement
