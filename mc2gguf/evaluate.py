@@ -47,9 +47,10 @@ from pathlib import Path
 import torch
 
 from . import odp
-from .archs import ArchAdapter, LayerWeights, Role, adapter_for
+from .archs import LayerWeights, adapter_for
 from .checkpoint import Checkpoint
 from .errors import Mc2ggufError
+from .gguf_in import checkpoint_state
 
 PROTECTIONS = ("none", "attention", "norm", "both")
 #: The default variant, chosen by measurement (docs/odp.md, "Choosing the protection variant").
@@ -306,53 +307,6 @@ def _field(reader, key: str):
     return None if f is None else f.contents()
 
 
-def gguf_state(gguf_path: Path, adapter: ArchAdapter) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Every tensor of ``gguf_path`` that the adapter maps, dequantized to float32 checkpoint tensors; and
-    the type of each GGUF tensor (per expert for type groups)."""
-    from gguf import GGUFReader
-
-    from .gguf_in import read_tensor
-
-    reader = GGUFReader(gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
-    state: dict[str, torch.Tensor] = {}
-    types: dict[str, list[str]] = {}
-    for spec in adapter.tensors():
-        if spec.name in tensors:
-            t = tensors[spec.name]
-            value = read_tensor(t)
-            types[spec.name] = [t.tensor_type.name]
-        elif spec.role is Role.EXPERTS:
-            base = spec.name.removesuffix(".weight")
-            groups = _field(reader, f"mc2gguf.{base}.groups")
-            if groups is None:
-                raise Mc2ggufError(f"{gguf_path} has neither {spec.name} nor the type groups of {base}")
-            groups = [int(g) for g in groups]
-            if len(groups) != spec.shape[0]:
-                raise Mc2ggufError(f"{gguf_path}: mc2gguf.{base}.groups has {len(groups)} entries, "
-                                   f"expected {spec.shape[0]} experts")
-            parts = {}
-            for g in sorted(set(groups)):
-                name = f"{base}.{g}.weight"
-                if name not in tensors:
-                    raise Mc2ggufError(f"{gguf_path} has no tensor {name} (type group {g} of {base})")
-                parts[g] = (read_tensor(tensors[name]), tensors[name].tensor_type.name)
-            index = [groups[:e].count(g) for e, g in enumerate(groups)]
-            for g, (part, _) in parts.items():
-                if part.shape[0] != groups.count(g):
-                    raise Mc2ggufError(f"{gguf_path}: {base}.{g}.weight holds {part.shape[0]} experts, "
-                                       f"its group map {groups.count(g)}")
-            value = torch.stack([parts[g][0][i] for g, i in zip(groups, index)])
-            types[spec.name] = [parts[g][1] for g in groups]
-        else:
-            raise Mc2ggufError(f"{gguf_path} has no tensor {spec.name}")
-        if tuple(value.shape) != tuple(spec.shape):
-            raise Mc2ggufError(f"{gguf_path}: {spec.name} has shape {tuple(value.shape)}, the checkpoint "
-                               f"{tuple(spec.shape)}: not a conversion of this model")
-        state.update(spec.to_checkpoint(value))
-    return state, types
-
-
 @dataclass
 class RunStats:
     """What ODP did in the evaluated windows."""
@@ -418,7 +372,7 @@ class EvalModel:
             bos = _field(reader, "tokenizer.ggml.bos_token_id")
             self.gguf_bos_id = None if bos is None else int(bos)
             del reader
-            replaced, self.gguf_types = gguf_state(self.gguf, self.adapter)
+            replaced, self.gguf_types = checkpoint_state(self.gguf, self.adapter)
         self.adapter.checkpoint = _CachedCheckpoint(checkpoint, replaced)
         moe = self.adapter.moe
         self.n_layers, self.top_k, self.hidden = moe.n_layers, moe.top_k, moe.hidden_size

@@ -16,7 +16,7 @@ from gguf import GGUFReader
 from safetensors.torch import save_file
 
 from . import quant
-from .archs import adapter_for
+from .archs import Role, adapter_for
 from .checkpoint import Checkpoint
 from .errors import Mc2ggufError
 from .qtypes import by_ggml_type
@@ -32,20 +32,58 @@ def read_tensor(tensor) -> torch.Tensor:
     return quant.dequantize(data, qtype, shape[-1]).reshape(shape)
 
 
-def dequantized_checkpoint(gguf_path: Path, source: Path, out_dir: Path) -> Path:
-    """Write ``out_dir``: ``source``'s config and tokenizer with the weights of ``gguf_path``."""
-    adapter = adapter_for(Checkpoint(source))
+def _expert_groups(reader: GGUFReader, tensors: dict, gguf_path: Path, spec) -> tuple[torch.Tensor, list[str]]:
+    """A layer's experts stored as type groups (docs/gguf-layout.md), reassembled in expert order."""
+    base = spec.name.removesuffix(".weight")
+    field = reader.fields.get(f"mc2gguf.{base}.groups")
+    if field is None:
+        raise Mc2ggufError(f"{gguf_path} has neither {spec.name} nor the type groups of {base}")
+    groups = [int(g) for g in field.contents()]
+    if len(groups) != spec.shape[0]:
+        raise Mc2ggufError(f"{gguf_path}: mc2gguf.{base}.groups has {len(groups)} entries, "
+                           f"expected {spec.shape[0]} experts")
+    parts = {}
+    for g in sorted(set(groups)):
+        name = f"{base}.{g}.weight"
+        if name not in tensors:
+            raise Mc2ggufError(f"{gguf_path} has no tensor {name} (type group {g} of {base})")
+        parts[g] = (read_tensor(tensors[name]), tensors[name].tensor_type.name)
+        if parts[g][0].shape[0] != groups.count(g):
+            raise Mc2ggufError(f"{gguf_path}: {name} holds {parts[g][0].shape[0]} experts, "
+                               f"its group map {groups.count(g)}")
+    index = [groups[:e].count(g) for e, g in enumerate(groups)]
+    return torch.stack([parts[g][0][i] for g, i in zip(groups, index)]), [parts[g][1] for g in groups]
+
+
+def checkpoint_state(gguf_path: Path, adapter) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Every tensor of ``gguf_path`` that ``adapter`` maps, dequantized to float32 checkpoint tensors (type
+    groups included); and the type of each GGUF tensor (one per expert for type groups)."""
     reader = GGUFReader(gguf_path)
     tensors = {t.name: t for t in reader.tensors}
+    state: dict[str, torch.Tensor] = {}
+    types: dict[str, list[str]] = {}
+    for spec in adapter.tensors():
+        if spec.name in tensors:
+            value = read_tensor(tensors[spec.name])
+            types[spec.name] = [tensors[spec.name].tensor_type.name]
+        elif spec.role is Role.EXPERTS:
+            value, types[spec.name] = _expert_groups(reader, tensors, gguf_path, spec)
+        else:
+            raise Mc2ggufError(f"{gguf_path} has no tensor {spec.name}")
+        if tuple(value.shape) != tuple(spec.shape):
+            raise Mc2ggufError(f"{gguf_path}: {spec.name} has shape {tuple(value.shape)}, the checkpoint "
+                               f"{tuple(spec.shape)}: not a conversion of this model")
+        state.update(spec.to_checkpoint(value))
+    return state, types
+
+
+def dequantized_checkpoint(gguf_path: Path, source: Path, out_dir: Path) -> Path:
+    """Write ``out_dir``: ``source``'s config and tokenizer with the weights of ``gguf_path``."""
+    state, _ = checkpoint_state(gguf_path, adapter_for(Checkpoint(source)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in Path(source).iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copyfile(f, out_dir / f.name)
-    state: dict[str, torch.Tensor] = {}
-    for spec in adapter.tensors():
-        if spec.name not in tensors:
-            raise Mc2ggufError(f"{gguf_path} has no tensor {spec.name}")
-        state.update(spec.to_checkpoint(read_tensor(tensors[spec.name])))
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors")
     return out_dir

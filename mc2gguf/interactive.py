@@ -24,8 +24,8 @@ from .errors import Mc2ggufError
 from .llama_build import find_llama_build
 
 _GGUF_MAGIC = b"GGUF"
-_NO_ODP = ("this llama.cpp build lacks ODP support ({what}); update the checkout and rebuild with "
-           "`mc2gguf build-llama` once the ODP patch is in patches/")
+_NO_ODP = ("this llama.cpp build lacks ODP support ({what}); rebuild it with `mc2gguf build-llama` (patches "
+           "0005-0006)")
 
 
 def check_model_file(path: Path) -> Path:
@@ -47,37 +47,28 @@ def check_model_file(path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- chat
 
-def _odp_functions(moe_prune: bool | None, moe_protect: float | None) -> dict:
-    """The patched library's ODP switches that these options need, checked to exist (before loading a model)."""
-    from .llama_runtime import bindings
+def _odp_library(moe_prune: bool | None, moe_protect: float | None):
+    """libllama with the ODP switches, checked before a model is loaded; None when no switch is asked for."""
+    if moe_prune is None and moe_protect is None:
+        return None
+    from .llama_runtime import moe_api
 
-    lib = bindings().llama_cpp._lib
-    wanted = {"llama_set_moe_prune": (ctypes.c_bool, moe_prune),
-              "llama_set_moe_protect_ratio": (ctypes.c_float, moe_protect)}
-    functions = {}
-    for name, (ctype, value) in wanted.items():
-        if value is None:
-            continue
-        if not hasattr(lib, name):
-            raise Mc2ggufError(_NO_ODP.format(what=f"libllama.so has no {name}"))
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = [ctypes.c_void_p, ctype], ctypes.c_bool
-        functions[name] = (fn, value)
-    return functions
+    try:
+        return moe_api()
+    except AttributeError as e:  # ctypes: an undefined symbol
+        raise Mc2ggufError(_NO_ODP.format(what=str(e))) from None
 
 
-def _apply_odp(llm, functions: dict, model: Path, notice: Callable[[str], None]) -> None:
+def _apply_odp(llm, lib, moe_prune: bool | None, moe_protect: float | None, model: Path,
+               notice: Callable[[str], None]) -> None:
     """Call the switches on the context; both refuse (return false) a model without ODP metadata."""
-    if "llama_set_moe_prune" in functions:
-        fn, on = functions["llama_set_moe_prune"]
-        if not fn(llm.ctx, on) and on:
-            notice(f"mc2gguf: warning: --moe-prune on ignored: {model.name} has no MoE pruning metadata "
-                   "(mc2gguf.odp.*; written by `mc2gguf convert --bpw/--size`)")
-    if "llama_set_moe_protect_ratio" in functions:
-        fn, ratio = functions["llama_set_moe_protect_ratio"]
-        if not fn(llm.ctx, ratio):
-            raise Mc2ggufError(f"llama.cpp refused --moe-protect {ratio}: {model.name} has no MoE pruning metadata, "
-                               "or no router-input norm quantiles for a ratio other than the calibrated one, 0 or 1")
+    if moe_prune is not None and not lib.llama_set_moe_prune(llm.ctx, moe_prune) and moe_prune:
+        notice(f"mc2gguf: warning: --moe-prune on ignored: {model.name} has no MoE pruning metadata "
+               "(mc2gguf.odp.*; written by `mc2gguf convert --bpw/--size`)")
+    if moe_protect is not None and not lib.llama_set_moe_protect_ratio(llm.ctx, moe_protect):
+        raise Mc2ggufError(f"llama.cpp refused --moe-protect {moe_protect}: {model.name} has no MoE pruning "
+                           "metadata, or no router-input norm quantiles for a ratio other than the calibrated one, "
+                           "0 or 1")
 
 
 class ChatSession:
@@ -246,14 +237,15 @@ def run_chat(model: Path, *, system: str | None = None, n_ctx: int = 4096, n_thr
     if hasattr(stdout, "reconfigure"):  # a terminal that can't show some character gets "?", not a crash
         stdout.reconfigure(errors="replace")
     model = check_model_file(model)
-    odp = _odp_functions(moe_prune, moe_protect)
+    odp_lib = _odp_library(moe_prune, moe_protect)
     llm = load_model(model, n_ctx, n_threads)
 
     def notice(text: str) -> None:
         print(text, file=stderr, flush=True)
 
     try:
-        _apply_odp(llm, odp, model, notice)
+        if odp_lib is not None:
+            _apply_odp(llm, odp_lib, moe_prune, moe_protect, model, notice)
         session = ChatSession(llm, system, max_tokens=max_tokens, temperature=temperature, seed=seed)
         tty = stdin.isatty()
 

@@ -236,12 +236,17 @@ class Terminal:
         os.close(self.master)
 
 
+def _closed_after_test(start):
+    """A fixture body: hands the test ``start`` and closes everything it started."""
+    started = []
+    yield lambda *args: started.append(start(*args)) or started[-1]
+    for item in started:
+        item.close()
+
+
 @pytest.fixture
 def terminal():
-    started = []
-    yield lambda *args: started.append(Terminal(*args)) or started[-1]
-    for term in started:
-        term.close()
+    yield from _closed_after_test(Terminal)
 
 
 def test_chat_terminal_ctrl_c_stops_answer_then_ctrl_d_exits(chat_gguf, terminal):
@@ -315,10 +320,7 @@ class Server:
 
 @pytest.fixture
 def server():
-    started = []
-    yield lambda *args: started.append(Server(*args)) or started[-1]
-    for s in started:
-        s.close()
+    yield from _closed_after_test(Server)
 
 
 def test_serve_answers_concurrent_requests_and_stops_on_sigint(chat_gguf, server):
