@@ -53,8 +53,12 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_build_llama(args: argparse.Namespace) -> None:
-    from .llama_build import BuildConfig, build_llama
+    from .llama_build import BuildConfig, build_llama, compile_check_cuda
 
+    if args.cuda_compile_check:
+        units = compile_check_cuda(args.cuda_archs, jobs=args.jobs)
+        print(f"compiled for sm_{args.cuda_archs.replace(';', ', sm_')}: {', '.join(units)}")
+        return
     build = build_llama(BuildConfig(cuda=args.cuda, cuda_archs=args.cuda_archs), jobs=args.jobs)
     print(build.bin_dir)
 
@@ -199,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-llama", help="build the pinned, patched llama.cpp (cached); prints its bin directory")
     p.add_argument("--cuda", action="store_true", help="build the CUDA backend too")
     p.add_argument("--cuda-archs", default="86;89", help="CUDA architectures (default: 86;89)")
+    p.add_argument("--cuda-compile-check", action="store_true",
+                   help="only compile the CUDA units the patches change, for --cuda-archs (no GPU needed, ~20 min)")
     p.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
     p.set_defaults(func=_cmd_build_llama)
 

@@ -7,6 +7,7 @@ options, so a second call with the same inputs returns at once.
 
 from __future__ import annotations
 
+import ctypes.util
 import hashlib
 import os
 import shutil
@@ -217,6 +218,62 @@ def build_llama(config: BuildConfig | None = None, jobs: int | None = None) -> L
     _install_bindings(build, log)
     build.stamp.write_text(" ".join(config.cmake_flags()) + "\n")
     return build
+
+
+def patched_cuda_units(patches: tuple[Path, ...]) -> list[str]:
+    """The CUDA translation units (``ggml/src/ggml-cuda/*.cu``) that the patch series changes, by name."""
+    units = []
+    for patch in patches:
+        for line in patch.read_text().splitlines():
+            if line.startswith("+++ b/ggml/src/ggml-cuda/") and line.endswith(".cu"):
+                units.append(Path(line[len("+++ b/"):]).name)
+    return sorted(set(units))
+
+
+def _cublas_cmake_flags() -> list[str]:
+    """CMake flags for cuBLAS when the CUDA toolkit of ``nvcc`` lacks it (this project's CI machine does): the
+    headers and libraries of the pip package ``nvidia-cublas``. ggml-cuda includes ``cublas_v2.h`` in every
+    unit, and CMake's generate step needs the library target even when nothing is linked."""
+    import importlib.util
+
+    nvcc = shutil.which("nvcc")
+    if nvcc and (Path(nvcc).resolve().parent.parent / "include" / "cublas_v2.h").exists():
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for include in sorted(Path(root).glob("*/include/cublas_v2.h"), reverse=True):
+            lib = include.parent.parent / "lib"
+            cublas, cublas_lt = sorted(lib.glob("libcublas.so*")), sorted(lib.glob("libcublasLt.so*"))
+            if cublas and cublas_lt:
+                return [f"-DCMAKE_CUDA_FLAGS=-I{include.parent}", f"-DCUDA_cublas_LIBRARY={cublas[0]}",
+                        f"-DCUDA_cublasLt_LIBRARY={cublas_lt[0]}"]
+    raise Mc2ggufError("the CUDA toolkit of nvcc has no cuBLAS (cublas_v2.h): install it, "
+                       "e.g. `pip install nvidia-cublas`")
+
+
+def compile_check_cuda(cuda_archs: str = DEFAULT_CUDA_ARCHS, jobs: int | None = None) -> list[str]:
+    """Compile, without linking, the CUDA units the patch series changes, for ``cuda_archs``, with the
+    installed nvcc and the flags of a CUDA build; returns the units compiled.
+
+    A full CUDA build takes hours on a 2-core machine without a GPU; this checks the patched kernels in
+    about 20 minutes. ``mmid.cuh`` and other changed headers are compiled through the units that include them.
+    """
+    if shutil.which("nvcc") is None:
+        raise Mc2ggufError("nvcc is not on PATH: the CUDA compile check needs the CUDA toolkit")
+    config = BuildConfig(cuda=True, cuda_archs=cuda_archs)
+    source = llama_source(config)
+    check_dir = _build_location(config).root / "compile-check"
+    log = _build_location(config).root / "compile-check.log"
+    flags = [*config.cmake_flags(), *_cublas_cmake_flags()]
+    if ctypes.util.find_library("cuda") is None:
+        # no driver library (a machine without a GPU): only the VMM memory pool links libcuda, and the patch
+        # series does not touch it
+        flags.append("-DGGML_CUDA_NO_VMM=ON")
+    _run(["cmake", "-S", str(source), "-B", str(check_dir), *flags], log)
+    units = patched_cuda_units(config.patches)
+    _run(["make", "-C", str(check_dir / "ggml" / "src" / "ggml-cuda"), f"-j{jobs or os.cpu_count() or 1}",
+          *(f"{unit}.o" for unit in units)], log)
+    return units
 
 
 def _install_bindings(build: LlamaBuild, log: Path) -> None:
