@@ -34,7 +34,7 @@ class CalibrationSet:
         return self.tokens.numel()
 
 
-def _documents(path: Path) -> list[str]:
+def documents(path: Path) -> list[str]:
     if not path.is_file():
         raise Mc2ggufError(f"calibration file {path} not found")
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -86,7 +86,7 @@ def load_calibration(model_dir: Path, files: list[Path], nsamples: int, seqlen: 
     digests = []
     for path in files:
         path = Path(path)
-        for doc in _documents(path):
+        for doc in documents(path):
             stream.extend(tokenizer(doc, add_special_tokens=True)["input_ids"])
         digests.append(f"{path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})")
     tokens = _windows(torch.tensor(stream, dtype=torch.int64), nsamples, seqlen, seed, "the calibration text")

@@ -69,6 +69,26 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.workdir), quant_type(args.type), args.prompt)
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import LLAMA_TYPES, Bench, BenchConfig, update_readme
+    from .reference_moe import DEFAULT_CALIB, DEFAULT_TINYSTORIES, DEFAULT_WIKITEXT, build_reference_moe
+
+    model = Path(args.model) if args.model else build_reference_moe().path
+    calib = args.calib or (DEFAULT_CALIB, DEFAULT_TINYSTORIES)
+    config = BenchConfig(
+        model=model, work=Path(args.work), calib=tuple(Path(c) for c in calib),
+        eval_text=Path(args.eval) if args.eval else DEFAULT_WIKITEXT, ctx=args.ctx, chunks=args.chunks,
+        threads=args.threads, seed=args.seed, llama_types=tuple(t for t in args.llama_types.split(",") if t) if args.llama_types is not None else LLAMA_TYPES,
+        bpws=tuple(float(b) for b in args.bpw.split(",") if b), layouts=tuple(l for l in args.layouts.split(",") if l),
+        nsamples=args.nsamples, seqlen=args.seqlen, speed=not args.no_speed,
+    )
+    Bench(config).run()
+    print((config.work / "results.md").read_text())
+    if args.readme:
+        update_readme(Path(args.readme), config.work)
+        print(f"updated the results section of {args.readme}")
+
+
 def _cmd_build_reference(args: argparse.Namespace) -> None:
     from .reference_moe import build_reference_moe, default_out_dir
 
@@ -207,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only compile the CUDA units the patches change, for --cuda-archs (no GPU needed, ~20 min)")
     p.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
     p.set_defaults(func=_cmd_build_llama)
+
+    p = sub.add_parser("bench", help="mc2gguf vs llama.cpp's recipes on one model (default: the reference MoE): "
+                       "PPL, KLD, same-top rate, ODP skip ratio, speed and conversion cost; table, JSON and plots")
+    p.add_argument("--model", help="Hugging Face Mixtral directory (default: the reference MoE, built if missing)")
+    p.add_argument("--work", default="bench-out", help="files, logs and results; a second run resumes (default bench-out)")
+    p.add_argument("--calib", action="append", help="calibration text for both imatrix and PMQ; repeat to mix "
+                   "(default: ../shared/data C4 sample and TinyStories)")
+    p.add_argument("--eval", help="evaluation text (default: ../shared/data WikiText-2 raw test)")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=-1, help="evaluation chunks (default: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llama-types", help="llama.cpp types quantized with the imatrix, comma-separated "
+                   "(default: Q2_K,Q2_K_S,IQ2_XXS,IQ2_XS,IQ2_S,IQ1_M,Q3_K_S)")
+    p.add_argument("--bpw", default="2.0,2.5,3.0", help="experts' bits per weight of the mc2gguf rows and layer mixes")
+    p.add_argument("--layouts", default="mixed,stock", help="layouts of the mc2gguf rows (empty: no mc2gguf rows)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (PMQ and imatrix)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--no-speed", action="store_true", help="skip llama-bench")
+    p.add_argument("--readme", help="write the results into this README's results section")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("build-reference", help="build (or find cached) the real-weights reference MoE (8 experts, top-2) "
                        "from pretrained SmolLM2-135M-Instruct; prints its directory")

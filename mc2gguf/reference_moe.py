@@ -66,6 +66,7 @@ STAMP_NAME = "reference-moe.json"
 
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_CALIB = _SHARED_DATA / "c4" / "c4-sample.jsonl"
+DEFAULT_TINYSTORIES = _SHARED_DATA / "tinystories" / "tinystories-2MiB.txt"
 DEFAULT_WIKITEXT = _SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 PAD_MULTIPLE = 256
 DOC_SEPARATOR_ID = 0  # <|endoftext|>, SmolLM's document separator
@@ -652,10 +653,10 @@ def dense_llama(dense: DenseModel, padded: bool = False):
 def calibration_tokens(tokenizer, calib_file: Path, n_tokens: int, seq_len: int, seed: int) -> torch.Tensor:
     """[n_tokens / seq_len, seq_len]: windows at seeded random starts in the stream of all the documents,
     tokenized and joined with ``<|endoftext|>`` (windows may cross document boundaries)."""
-    from .calib_data import _documents
+    from .calib_data import documents
 
     stream: list[int] = []
-    for doc in _documents(Path(calib_file)):
+    for doc in documents(Path(calib_file)):
         stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         stream.append(DOC_SEPARATOR_ID)
     tokens = torch.tensor(stream, dtype=torch.int64)

@@ -1,0 +1,349 @@
+"""``mc2gguf bench``: mc2gguf against llama.cpp's own recipes on one Mixtral checkpoint, measured in one run.
+
+Every row is a GGUF file of the same model, evaluated by one llama-perplexity run on the evaluation text
+against the logits of the f16 file (``--kl-divergence-base``): perplexity, mean KL divergence and the rate
+of equal top tokens. Rows: f16; llama.cpp types quantized with an imatrix computed by llama-imatrix on the
+same calibration text; a llama.cpp layer mix at each of mc2gguf's sizes (the pinned llama-quantize has no
+``--target-bpw``: each layer's experts take the lower or the higher of the two ladder types around the
+target, as many layers the higher as the budget allows); mc2gguf's PMQ at each experts' bits per weight and
+layout, each with ODP off and on. Speed comes from llama-bench, conversion cost from the wall time and
+peak RSS of each stage's process.
+
+Each stage leaves its output in the work directory and is skipped when the output exists, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .calib_data import documents
+from .errors import Mc2ggufError
+from .inspect_gguf import summarize
+from .llama_build import find_llama_build
+
+LLAMA_TYPES = ("Q2_K", "Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "Q3_K_S")
+# expert types for the llama.cpp layer mix, by bits per weight (each one that llama.cpp's CUDA backend runs)
+MIX_LADDER = (("IQ1_M", 1.75), ("IQ2_XXS", 2.0625), ("IQ2_XS", 2.3125), ("IQ2_S", 2.5625), ("Q2_K", 2.625),
+              ("IQ3_XXS", 3.0625), ("Q3_K", 3.4375), ("Q4_K", 4.5))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: Path
+    work: Path
+    calib: tuple[Path, ...]
+    eval_text: Path
+    ctx: int = 512
+    chunks: int = -1  # -1: the whole evaluation text
+    threads: int = 2
+    seed: int = 0
+    llama_types: tuple[str, ...] = LLAMA_TYPES
+    bpws: tuple[float, ...] = (2.0, 2.5, 3.0)
+    layouts: tuple[str, ...] = ("mixed", "stock")
+    nsamples: int = 128
+    seqlen: int = 512
+    speed: bool = True
+
+
+@dataclass
+class Cost:
+    seconds: float
+    peak_rss: int  # bytes
+
+
+@dataclass
+class Row:
+    method: str  # f16 | llama.cpp | llama.cpp mix | mc2gguf
+    name: str
+    file: str
+    size: int
+    expert_bpw: float
+    odp: bool = False
+    ppl: float = 0.0
+    ppl_err: float = 0.0
+    kld: float | None = None
+    same_top: float | None = None  # percent
+    skip_ratio: float | None = None
+    cost: dict[str, Cost] = field(default_factory=dict)
+
+
+def _run(cmd: list, log: Path) -> tuple[str, Cost]:
+    """Run ``cmd`` (output to ``log``), return its output and its wall time and peak RSS; fail clearly."""
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        tail = "\n".join(text.splitlines()[-20:])
+        raise Mc2ggufError(f"{Path(str(cmd[0])).name} failed ({proc.returncode}), see {log}:\n{tail}")
+    return text, Cost(time.monotonic() - start, usage.ru_maxrss * 1024)
+
+
+class Bench:
+    def __init__(self, config: BenchConfig):
+        self.c = config
+        self.bin = find_llama_build().bin_dir
+        config.work.mkdir(parents=True, exist_ok=True)
+        self.costs_file = config.work / "costs.json"
+        self.costs: dict[str, dict] = json.loads(self.costs_file.read_text()) if self.costs_file.exists() else {}
+
+    # --- stages: each makes one file once --------------------------------------------------------------
+
+    def _stage(self, key: str, out: Path, cmd: list) -> Cost:
+        if not out.exists():
+            print(f"[bench] {key}", file=sys.stderr, flush=True)
+            _, cost = _run(cmd, self.c.work / f"{key}.log")
+            self.costs[key] = asdict(cost)
+            self.costs_file.write_text(json.dumps(self.costs, indent=1))
+        return Cost(**self.costs[key]) if key in self.costs else Cost(0.0, 0)
+
+    def _mc2gguf(self, *args) -> list:
+        return [sys.executable, "-m", "mc2gguf.cli", *args]
+
+    def f16(self) -> Path:
+        out = self.c.work / "f16.gguf"
+        self._stage("convert-f16", out, self._mc2gguf("convert", self.c.model, out, "--type", "F16"))
+        return out
+
+    def calibration_text(self) -> Path:
+        out = self.c.work / "calibration.txt"
+        if not out.exists():
+            out.write_text("\n\n".join(d for path in self.c.calib for d in documents(path)))
+        return out
+
+    def imatrix(self) -> Path:
+        out = self.c.work / "imatrix.gguf"
+        n_chunks = max(1, self.c.nsamples * self.c.seqlen // self.c.ctx)
+        self._stage("imatrix", out, [self.bin / "llama-imatrix", "-m", self.f16(), "-f", self.calibration_text(),
+                                     "-o", out, "-c", self.c.ctx, "--chunks", n_chunks, "-t", self.c.threads])
+        return out
+
+    def llama_quant(self, qtype: str) -> Path:
+        out = self.c.work / f"llama-{qtype}.gguf"
+        self._stage(f"quantize-{qtype}", out, [self.bin / "llama-quantize", "--imatrix", self.imatrix(), self.f16(),
+                                               out, qtype, self.c.threads])
+        return out
+
+    def llama_mix(self, bpw: float, n_layers: int) -> Path:
+        """Experts of the first k layers at the ladder type above ``bpw``, the others at the one below."""
+        lower = max((t for t in MIX_LADDER if t[1] <= bpw), key=lambda t: t[1], default=MIX_LADDER[0])
+        upper = min((t for t in MIX_LADDER if t[1] >= bpw), key=lambda t: t[1], default=MIX_LADDER[-1])
+        share = 0.0 if upper[1] == lower[1] else (bpw - lower[1]) / (upper[1] - lower[1])
+        k = round(share * n_layers)
+        out = self.c.work / f"llama-mix-{bpw:.2f}.gguf"
+        overrides = [a for i in range(k) for a in ("--tensor-type", f"blk\\.{i}\\.ffn_.*_exps={upper[0]}")]
+        self._stage(f"quantize-mix-{bpw:.2f}", out, [self.bin / "llama-quantize", "--imatrix", self.imatrix(),
+                                                     *overrides, "--tensor-type", "attn_.*=Q4_K", self.f16(), out,
+                                                     lower[0], self.c.threads])
+        return out
+
+    def pmq(self, bpw: float, layout: str) -> Path:
+        out = self.c.work / f"mc2gguf-{bpw:.2f}-{layout}.gguf"
+        calib = [a for path in self.c.calib for a in ("--calib", path)]
+        self._stage(f"pmq-{bpw:.2f}-{layout}", out, self._mc2gguf(
+            "convert", self.c.model, out, "--bpw", bpw, "--layout", layout, *calib, "--nsamples", self.c.nsamples,
+            "--seqlen", self.c.seqlen, "--seed", self.c.seed, "--work-dir", self.c.work / f"pmq-{bpw:.2f}-{layout}"))
+        return out
+
+    # --- evaluation --------------------------------------------------------------------------------------
+
+    def _perplexity_args(self) -> list:
+        return ["-f", self.c.eval_text, "-c", self.c.ctx, "--chunks", self.c.chunks, "-t", self.c.threads]
+
+    def kld_base(self) -> tuple[Path, float, float]:
+        base = self.c.work / "f16.kld"
+        log = self.c.work / "ppl-f16.log"
+        if not base.exists() or not log.exists():
+            _run([self.bin / "llama-perplexity", "-m", self.f16(), *self._perplexity_args(),
+                  "--kl-divergence-base", base], log)
+        ppl, err = _parse_float_pair(log.read_text(errors="replace"), r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)")
+        return base, ppl, err
+
+    def evaluate(self, row: Row, prune: bool | None = None) -> Row:
+        base, _, _ = self.kld_base()
+        tag = Path(row.file).stem + ("" if prune is None else f"-odp-{'on' if prune else 'off'}")
+        log = self.c.work / f"ppl-{tag}.log"
+        if not log.exists() or "Same top p" not in log.read_text(errors="replace"):
+            switch = [] if prune is None else ["--moe-prune", "on" if prune else "off"]
+            _run([self.bin / "llama-perplexity", "-m", row.file, *self._perplexity_args(),
+                  "--kl-divergence-base", base, "--kl-divergence", *switch], log)
+        text = log.read_text(errors="replace")
+        row.ppl, row.ppl_err = _parse_float_pair(text, r"Mean PPL\(Q\)\s*:\s*([\d.]+)\s*±\s*([\d.]+)")
+        row.kld = _parse_float_pair(text, r"Mean\s+KLD:\s*([-\d.]+)\s*±\s*([\d.]+)")[0]
+        row.same_top = _parse_float_pair(text, r"Same top p:\s*([\d.]+)\s*±\s*([\d.]+)")[0]
+        pruned = re.search(r"MoE pruned slots =\s*(\d+) / (\d+)", text)
+        row.skip_ratio = int(pruned[1]) / int(pruned[2]) if pruned and int(pruned[2]) else (0.0 if prune else None)
+        row.odp = bool(prune)
+        return row
+
+    def speed(self, files: list[Path], prune_sweep: bool) -> list[dict]:
+        log = self.c.work / f"bench-{'odp' if prune_sweep else 'plain'}.json"
+        if not log.exists() or not log.read_text().strip().endswith("]"):
+            cmd = [self.bin / "llama-bench", "-m", ",".join(str(f) for f in files), "-t", self.c.threads,
+                   "-p", 512, "-n", 128, "-r", 3, "-o", "json", *(["--moe-prune", "0,1"] if prune_sweep else [])]
+            proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace")
+            if proc.returncode != 0:
+                raise Mc2ggufError(f"llama-bench failed:\n{proc.stderr[-2000:]}")
+            log.write_text(proc.stdout)
+        return [{"file": Path(r["model_filename"]).name, "test": f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}",
+                 "moe_prune": r["moe_prune"] if prune_sweep else None, "moe_pruned": r["moe_pruned"],
+                 "tokens_per_second": r["avg_ts"], "stddev": r["stddev_ts"]} for r in json.loads(log.read_text())]
+
+    # --- the whole run -----------------------------------------------------------------------------------
+
+    def _row(self, method: str, name: str, path: Path, *cost_keys: str) -> Row:
+        summary = summarize(path)
+        cost = {k: Cost(**self.costs[k]) for k in cost_keys if k in self.costs}
+        return Row(method, name, str(path), summary.size, summary.bits_per_weight(summary.expert_tensors), cost=cost)
+
+    def run(self) -> dict:
+        f16 = self.f16()
+        n_layers = max(int(m[1]) for t in summarize(f16).expert_tensors if (m := re.match(r"blk\.(\d+)\.", t.name))) + 1
+        _, f16_ppl, f16_err = self.kld_base()
+        rows = [Row("f16", "f16", str(f16), f16.stat().st_size,
+                    summarize(f16).bits_per_weight(summarize(f16).expert_tensors), ppl=f16_ppl, ppl_err=f16_err,
+                    kld=0.0, same_top=100.0, cost={"convert-f16": Cost(**self.costs["convert-f16"])}
+                    if "convert-f16" in self.costs else {})]
+        for qtype in self.c.llama_types:
+            rows.append(self.evaluate(self._row("llama.cpp", f"{qtype} + imatrix", self.llama_quant(qtype),
+                                                "imatrix", f"quantize-{qtype}")))
+        for bpw in self.c.bpws:
+            rows.append(self.evaluate(self._row("llama.cpp mix", f"layer mix @ {bpw:.2f}",
+                                                self.llama_mix(bpw, n_layers), "imatrix", f"quantize-mix-{bpw:.2f}")))
+        pmq_files = []
+        for bpw in self.c.bpws:
+            for layout in self.c.layouts:
+                path = self.pmq(bpw, layout)
+                pmq_files.append(path)
+                for prune in (False, True):
+                    rows.append(self.evaluate(self._row("mc2gguf", f"PMQ {bpw:.2f} {layout}", path,
+                                                        f"pmq-{bpw:.2f}-{layout}"), prune))
+        speed = []
+        if self.c.speed:
+            others = [f16] + [Path(r.file) for r in rows if r.method.startswith("llama.cpp")]
+            speed = self.speed(others, prune_sweep=False) + (self.speed(pmq_files, prune_sweep=True) if pmq_files else [])
+        results = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _git_commit(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.c).items()},
+            "rows": [asdict(r) for r in rows], "speed": speed,
+        }
+        (self.c.work / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (self.c.work / "results.md").write_text(render_markdown(results))
+        plot(results, self.c.work)
+        return results
+
+
+def _parse_float_pair(text: str, pattern: str) -> tuple[float, float]:
+    found = re.findall(pattern, text)
+    if not found:
+        raise Mc2ggufError(f"llama-perplexity's output has no line matching {pattern!r}")
+    return float(found[-1][0]), float(found[-1][1])
+
+
+def _git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return proc.stdout.strip() or "unknown"
+
+
+def _equal_size_note(row: dict, rows: list[dict]) -> str:
+    """How far the nearest llama.cpp row is in size, where it is more than 1 % away."""
+    others = [r for r in rows if r["method"].startswith("llama.cpp")]
+    if row["method"] != "mc2gguf" or not others:
+        return ""
+    nearest = min(others, key=lambda r: abs(r["size"] - row["size"]))
+    off = 100.0 * (row["size"] - nearest["size"]) / nearest["size"]
+    return "" if abs(off) <= 1.0 else f"{off:+.1f} % vs {nearest['name']}"
+
+
+def render_markdown(results: dict) -> str:
+    rows = results["rows"]
+    lines = [f"Measured {results['date']}, commit {results['commit']}, {results['machine']}; "
+             f"evaluation: ctx {results['config']['ctx']}, chunks {results['config']['chunks']}.", "",
+             "| method | file | size (MiB) | experts bpw | ODP | skip | PPL | mean KLD | same top % | size vs nearest llama.cpp |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        skip = f"{100 * r['skip_ratio']:.1f} %" if r["skip_ratio"] is not None else ""
+        kld = f"{r['kld']:.4f}" if r["kld"] is not None else ""
+        top = f"{r['same_top']:.2f}" if r["same_top"] is not None else ""
+        lines.append(f"| {r['method']} | {r['name']} | {r['size'] / 2**20:.2f} | {r['expert_bpw']:.3f} | "
+                     f"{'on' if r['odp'] else 'off'} | {skip} | {r['ppl']:.3f} ± {r['ppl_err']:.3f} | {kld} | {top} | "
+                     f"{_equal_size_note(r, rows)} |")
+    if results["speed"]:
+        lines += ["", "| file | test | ODP | pruned | tokens/s |", "|---|---|---|---:|---:|"]
+        for s in results["speed"]:
+            odp = "" if s["moe_prune"] is None else "on" if s["moe_prune"] else "off"
+            lines.append(f"| {s['file']} | {s['test']} | {odp} | "
+                         f"{100 * s['moe_pruned']:.1f} % | {s['tokens_per_second']:.2f} ± {s['stddev']:.2f} |")
+    costs = {(r["name"], k): v for r in rows for k, v in r["cost"].items()}
+    if costs:
+        lines += ["", "| stage | for | wall time (s) | peak RSS (MiB) |", "|---|---|---:|---:|"]
+        for (name, stage), c in sorted(costs.items(), key=lambda kv: kv[0][1]):
+            lines.append(f"| {stage} | {name} | {c['seconds']:.1f} | {c['peak_rss'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if not r["odp"]]
+    for metric, label in (("ppl", "perplexity"), ("kld", "mean KL divergence vs f16")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, marker in (("llama.cpp", "o"), ("llama.cpp mix", "s"), ("mc2gguf", "^")):
+            pts = sorted((r["size"] / 2**20, r[metric]) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, linestyle="" if method == "llama.cpp" else "-", label=method)
+        ax.set_xlabel("file size (MiB)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{metric}_vs_size.png", dpi=120)
+        plt.close(fig)
+    pairs = {}
+    for r in results["rows"]:
+        if r["method"] == "mc2gguf":
+            pairs.setdefault(r["name"], {})[r["odp"]] = r
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, p in pairs.items():
+        if True in p and False in p:
+            ax.scatter(100 * p[True]["skip_ratio"], 100 * (p[True]["ppl"] / p[False]["ppl"] - 1), label=name)
+    ax.set_xlabel("second-expert slots skipped (%)")
+    ax.set_ylabel("perplexity change (%)")
+    ax.grid(alpha=0.3)
+    if pairs:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "odp_tradeoff.png", dpi=120)
+    plt.close(fig)
+
+
+README_BEGIN, README_END = "<!-- bench results: begin -->", "<!-- bench results: end -->"
+
+
+def update_readme(readme: Path, work: Path) -> None:
+    """Replace the README's results section (between the two markers) with this run's table and plots."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise Mc2ggufError(f"{readme} has no results section ({README_BEGIN} ... {README_END})")
+    plots = [p for p in ("ppl_vs_size.png", "kld_vs_size.png", "odp_tradeoff.png") if (work / p).exists()]
+    rel = os.path.relpath(work, readme.parent)
+    body = (work / "results.md").read_text() + "".join(f"\n![{p}]({rel}/{p})" for p in plots)
+    head, rest = text.split(README_BEGIN, 1)
+    readme.write_text(head + README_BEGIN + "\n" + body + "\n" + README_END + rest.split(README_END, 1)[1])

@@ -1,0 +1,71 @@
+"""`mc2gguf bench` end to end on the tiny Mixtral: every kind of row, the numbers read back from llama.cpp's
+own output, resume without redoing a stage, and the README section it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mc2gguf.bench import README_BEGIN, README_END, Bench, BenchConfig, update_readme
+from mc2gguf.inspect_gguf import summarize
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_mixtral, tmp_path_factory, llama_build):
+    config = BenchConfig(
+        model=tiny_mixtral, work=tmp_path_factory.mktemp("bench"),
+        calib=(SHARED_DATA / "c4" / "c4-sample.jsonl",), eval_text=SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw",
+        ctx=128, chunks=3, llama_types=("Q2_K",), bpws=(2.5,), layouts=("mixed",), nsamples=8, seqlen=128,
+        speed=False,
+    )
+    return config, Bench(config).run()
+
+
+def test_rows_and_numbers(bench_run):
+    config, results = bench_run
+    rows = {(r["name"], r["odp"]): r for r in results["rows"]}
+    assert set(rows) == {("f16", False), ("Q2_K + imatrix", False), ("layer mix @ 2.50", False),
+                         ("PMQ 2.50 mixed", False), ("PMQ 2.50 mixed", True)}
+    for r in results["rows"]:
+        assert r["size"] == os.path.getsize(r["file"]) == summarize(Path(r["file"])).size
+        assert r["ppl"] > 1 and r["ppl_err"] > 0
+        assert r["kld"] >= 0 and 0 <= r["same_top"] <= 100
+    assert rows[("f16", False)]["expert_bpw"] == 16.0
+    pmq = rows[("PMQ 2.50 mixed", False)]
+    assert pmq["expert_bpw"] == pytest.approx(2.5, abs=0.01)
+    assert pmq["skip_ratio"] is None and 0 < rows[("PMQ 2.50 mixed", True)]["skip_ratio"] < 1
+    assert rows[("PMQ 2.50 mixed", True)]["ppl"] != pmq["ppl"]
+    # the layer mix spends its budget on the ladder type above the target: at or below it, and close
+    mix = rows[("layer mix @ 2.50", False)]
+    assert 2.0 < mix["expert_bpw"] <= 2.5625
+    assert pmq["cost"]["pmq-2.50-mixed"]["seconds"] > 0 and pmq["cost"]["pmq-2.50-mixed"]["peak_rss"] > 0
+    assert json.loads((config.work / "results.json").read_text())["rows"] == results["rows"]
+    table = (config.work / "results.md").read_text()
+    assert "PMQ 2.50 mixed" in table and "Q2_K + imatrix" in table
+    assert (config.work / "ppl_vs_size.png").stat().st_size > 0
+
+
+def test_second_run_resumes(bench_run):
+    config, results = bench_run
+    before = {p.name: p.stat().st_mtime_ns for p in config.work.glob("*.gguf")}
+    again = Bench(config).run()
+    assert {p.name: p.stat().st_mtime_ns for p in config.work.glob("*.gguf")} == before
+    assert [(r["name"], r["ppl"], r["kld"]) for r in again["rows"]] == [(r["name"], r["ppl"], r["kld"])
+                                                                        for r in results["rows"]]
+
+
+def test_readme_section(bench_run, tmp_path):
+    config, _ = bench_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN}\nold\n{README_END}\n\ntail\n")
+    update_readme(readme, config.work)
+    text = readme.read_text()
+    assert "old" not in text and "PMQ 2.50 mixed" in text and text.endswith("tail\n")
+    readme.write_text("# no section\n")
+    with pytest.raises(Exception, match="no results section"):
+        update_readme(readme, config.work)
