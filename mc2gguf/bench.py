@@ -29,11 +29,11 @@ from .calib_data import documents
 from .errors import Mc2ggufError
 from .inspect_gguf import summarize
 from .llama_build import find_llama_build
+from .qtypes import quant_type
 
 LLAMA_TYPES = ("Q2_K", "Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "Q3_K_S")
-# expert types for the llama.cpp layer mix, by bits per weight (each one that llama.cpp's CUDA backend runs)
-MIX_LADDER = (("IQ1_M", 1.75), ("IQ2_XXS", 2.0625), ("IQ2_XS", 2.3125), ("IQ2_S", 2.5625), ("Q2_K", 2.625),
-              ("IQ3_XXS", 3.0625), ("Q3_K", 3.4375), ("Q4_K", 4.5))
+# expert types of the llama.cpp layer mix, in increasing bits per weight (each one that llama.cpp's CUDA backend runs)
+MIX_LADDER = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 
 
 @dataclass(frozen=True)
@@ -137,10 +137,11 @@ class Bench:
 
     def llama_mix(self, bpw: float, n_layers: int) -> Path:
         """Experts of the first k layers at the ladder type above ``bpw``, the others at the one below."""
-        lower = max((t for t in MIX_LADDER if t[1] <= bpw), key=lambda t: t[1], default=MIX_LADDER[0])
-        upper = min((t for t in MIX_LADDER if t[1] >= bpw), key=lambda t: t[1], default=MIX_LADDER[-1])
+        ladder = [(name, quant_type(name).bits_per_weight) for name in MIX_LADDER]
+        lower = max((t for t in ladder if t[1] <= bpw), key=lambda t: t[1], default=ladder[0])
+        upper = min((t for t in ladder if t[1] >= bpw), key=lambda t: t[1], default=ladder[-1])
         share = 0.0 if upper[1] == lower[1] else (bpw - lower[1]) / (upper[1] - lower[1])
-        k = round(share * n_layers)
+        k = int(share * n_layers + 1e-9)  # as many layers at the upper type as fit in the budget
         out = self.c.work / f"llama-mix-{bpw:.2f}.gguf"
         overrides = [a for i in range(k) for a in ("--tensor-type", f"blk\\.{i}\\.ffn_.*_exps={upper[0]}")]
         self._stage(f"quantize-mix-{bpw:.2f}", out, [self.bin / "llama-quantize", "--imatrix", self.imatrix(),
