@@ -29,7 +29,7 @@ NORM_QUANTILES = torch.linspace(0.0, 1.0, 101)
 @dataclass
 class ExpertCalibration:
     n_routed: int
-    hessians: dict[str, torch.Tensor]  # input Hessian of each projection (gate and up share theirs)
+    hessians: dict[str, torch.Tensor]  # float32 input Hessian of each projection (gate and up share theirs)
     sample_x: torch.Tensor  # [n, H] routed inputs, a seeded subset
     sample_w: torch.Tensor  # [n] their routing weights
 
@@ -54,8 +54,10 @@ class LayerCalibration:
 
 
 def _weighted_hessian(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # Kept in float32, the precision of the product: a float64 copy would hold the same values in twice the
+    # memory (a layer's Hessians are most of its working set). GPTQ converts to float64 itself.
     xw = x * w[:, None]
-    return (xw.T @ xw).double()
+    return xw.T @ xw
 
 
 def calibrate_layer(

@@ -111,7 +111,9 @@ def gptq_quantize(
     elif act_order:  # whole blocks, in order of decreasing importance
         order = torch.argsort(importance.reshape(-1, qb).sum(1), descending=True, stable=True)
         perm = (order[:, None] * qb + torch.arange(qb, device=device)).reshape(-1)
-    u, damp = _inverse_cholesky(h[perm][:, perm], damp)
+    if act_order:  # in the natural order H is used as it is, not through a permuted copy
+        h = h[perm][:, perm]
+    u, damp = _inverse_cholesky(h, damp)
     run = _gptq_grid if qtype.packer is Packer.GRID else _gptq_codebook
     data, q = run(w, u, perm, importance, qtype, act_order, block_size)
     return GPTQResult(data, q, qtype, damp)
@@ -132,19 +134,25 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     With ``J`` the order reversal and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky and one triangular
     inverse (the reference's ``cholesky_inverse`` then second Cholesky give the same ``U``, 15x slower on a CPU).
     A Hessian that is not positive definite even so gets ten times the dampening until it is, with a warning.
+
+    Peak memory is three ``[cols, cols]`` float64 matrices (``H``, ``L`` and ``L^-1``): a layer's largest
+    temporaries, as large as an expert's Hessian each.
     """
     mean = float(h.diagonal().mean())
-    flipped = h.flip(0, 1)
     for _ in range(_MAX_DAMP_TRIES):
-        damped = flipped.clone()
+        damped = h.flip(0, 1)  # a copy (flip never returns a view), made again on each try
         damped.diagonal().add_(damp * mean)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-            if torch.isfinite(u).all() and (u.diagonal() > 0).all():
-                return u.float(), damp
+            # Solved in place into a column-major identity, the layout the triangular solve works in (and
+            # returns): the same values as solving into a new matrix, without the identity beside it.
+            inverse = torch.eye(h.shape[0], dtype=h.dtype, device=h.device).mT
+            torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+            del lower
+            # U = J L^-1 J has L^-1's diagonal, reversed: checked in float64, as before the conversion.
+            if torch.isfinite(inverse).all() and (inverse.diagonal() > 0).all():
+                return inverse.float().flip(0, 1), damp
         new = damp * 10 if damp > 0 else 1e-4
         warnings.warn(f"GPTQ: the Hessian is not positive definite with dampening {damp:g}; trying {new:g}")
         damp = new

@@ -455,7 +455,7 @@ def _load_backend() -> tuple[str, str]:
     if choice == "torch":
         return "torch", "MC2GGUF_ODP_BACKEND=torch"
     where = None
-    prebuilt_error: object = None
+    prebuilt_error: str | None = None
     if _op_registered():
         where = "already loaded"
     else:
@@ -465,7 +465,10 @@ def _load_backend() -> tuple[str, str]:
             importlib.import_module("mc2gguf._odp_C")
             where = "built at install (mc2gguf._odp_C)"
         except (ImportError, OSError) as exc:
-            prebuilt_error = exc
+            # Its message, not the exception: the traceback would hold this frame, a cycle, and through the
+            # frames' callers whatever the first importer had (PMQ imports this module lazily, on its first
+            # route, with a whole layer's weights and Hessians) until the next full garbage collection.
+            prebuilt_error = str(exc)
         if where is None:
             try:
                 where = f"JIT build in {build_extension()}"

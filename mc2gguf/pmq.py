@@ -9,13 +9,17 @@
 4. write the GGUF with per-expert types (``docs/gguf-layout.md``) and the report beside it.
 
 Stages 1 and 3 checkpoint every layer in a work directory, so an interrupted run resumes; the result is
-byte-identical to an uninterrupted one.
+byte-identical to an uninterrupted one. Stage 1 does not depend on the budget or the layout: a ``--work-dir``
+given by the user keeps its measurements, and conversions to other budgets from it start at stage 2. Where the
+eps stage quantized with the writer's own GPTQ (not in sequential mode), its packed bytes are kept beside the
+measurements if the disk has room, and stage 3 picks the chosen ones instead of quantizing again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +44,9 @@ from .sensitivity import measure_eps, quantizer, unit_projections
 from .workdir import WorkDir
 
 EXPERT_TENSOR = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+# the options stage 1 (calibration, significance, eps) depends on
+MEASURE_OPTIONS = ("calib", "nsamples", "seqlen", "seed", "palette", "granularity", "tie_gate_up", "eps_method",
+                   "eps_tokens", "damp", "act_order")
 
 
 @dataclass(frozen=True)
@@ -64,13 +71,15 @@ class PMQOptions:
     damp: float = 0.01
     protect_ratio: float = 0.02
 
-    def fingerprint(self, checkpoint: Checkpoint) -> dict:
-        """Everything the output depends on: options, input files' identity, mc2gguf version."""
+    def fingerprint(self, checkpoint: Checkpoint, options: tuple[str, ...] | None = None) -> dict:
+        """Everything the output depends on (or, given ``options``, a stage that reads only those): options,
+        input files' identity, mc2gguf version."""
         files = sorted(p for p in checkpoint.path.iterdir() if p.is_file())
         calib = [str(Path(p).resolve()) for p in self.calib]
+        values = {**asdict(self), "calib": calib}
         return {
             "mc2gguf": __version__,
-            "options": {**asdict(self), "calib": calib},
+            "options": {k: values[k] for k in options} if options else values,
             "model": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
             "calib": {c: hashlib.sha256(Path(c).read_bytes()).hexdigest() for c in calib},
         }
@@ -116,21 +125,38 @@ def _layer_pass(adapter: ArchAdapter, cal: CalibrationSet, work: WorkDir, stage:
             h, record = step(i, h)
             work.save(stage, f"hidden-{i:03d}", h)
             work.save(stage, f"layer-{i:03d}", record)
+            del record  # not held through the next layer's step (a quantized record is a layer's bytes)
             work.discard(stage, f"hidden-{i - 1:03d}")
             bar.update()
     work.discard(stage, f"hidden-{n - 1:03d}")
+
+
+def _keeps_candidates(adapter: ArchAdapter, opts: PMQOptions, palette: list[QuantType], work: WorkDir) -> bool:
+    """Whether the eps stage keeps its packed bytes for stage 3: only where they are what stage 3 would write
+    (the writer's GPTQ on the same Hessians: not in sequential mode, which calibrates on quantized layers), and
+    only where they fit in half the free disk (every palette type of every expert: a Mixtral 8x7B would need
+    about 140 GB)."""
+    if opts.eps_method != "gptq" or opts.sequential:
+        return False
+    shapes = _expert_shapes(adapter).values()
+    per_expert = sum(rows * t.row_bytes(cols) for t in palette if all(t.fits(c) for _, c in shapes) for rows, cols in shapes)
+    return per_expert * adapter.moe.n_experts * adapter.moe.n_layers < shutil.disk_usage(work.path).free // 2
 
 
 def measure(adapter: ArchAdapter, cal: CalibrationSet, opts: PMQOptions, work: WorkDir) -> list[dict]:
     palette = [quant_type(t) for t in opts.palette]
     units = unit_projections(opts.granularity, opts.tie_gate_up)
     quantize = quantizer(opts.eps_method, opts.damp, opts.act_order)
+    keep = _keeps_candidates(adapter, opts, palette, work)
 
     def step(i: int, h: torch.Tensor):
         layer = adapter.load_layer(i)
+        candidates = {} if keep else None
         with torch.inference_mode():
             h, calibration = calibrate_layer(adapter, layer, h, opts.eps_tokens, opts.seed)
-            eps = measure_eps(adapter, layer, calibration, units, palette, quantize)
+            eps = measure_eps(adapter, layer, calibration, units, palette, quantize, candidates)
+        if keep:  # before the layer's record, which marks the layer done
+            work.save("measure", f"candidates-{i:03d}", candidates)
         if calibration.unused_experts:
             print(f"note: layer {i}: no calibration token selects expert(s) {calibration.unused_experts}; "
                   "they are measured on all of the layer's tokens", file=sys.stderr)
@@ -161,9 +187,23 @@ def expert_types(allocation: Allocation, units: list[AllocationUnit]) -> dict[tu
 
 
 def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_expert, opts: PMQOptions,
-                    work: WorkDir) -> None:
-    """GPTQ every expert projection onto its type; quantize the layer's other matrices too. The bytes go to
-    the work directory, one record per layer (the GGUF writer reads them back one layer at a time)."""
+                    measured: WorkDir, work: WorkDir) -> None:
+    """GPTQ every expert projection onto its type (or take the eps stage's bytes of it); quantize the layer's
+    other matrices too. The bytes go to the work directory, one record per layer (the GGUF writer reads them
+    back one layer at a time)."""
+    n = adapter.moe.n_layers
+    if not opts.sequential and all(measured.has("measure", f"candidates-{i:03d}") for i in range(n)):
+        for i in tqdm(range(n), unit="layer", desc="quantize (from the eps stage)", file=sys.stderr):
+            if work.has("layers", f"layer-{i:03d}"):
+                continue
+            candidates = measured.load("measure", f"candidates-{i:03d}")
+            experts = {(e, p): candidates[e, p, types[i, e, p].name]
+                       for e in range(adapter.moe.n_experts) for p in PROJECTIONS}
+            work.save("layers", f"layer-{i:03d}",
+                      {"attention": {plan.spec.name: encode_tensor(plan) for plan in non_expert.get(i, [])},
+                       "experts": experts})
+            del candidates, experts
+        return
 
     def step(i: int, h: torch.Tensor):
         layer = adapter.load_layer(i)
@@ -187,7 +227,7 @@ def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_
             h = adapter.layer_forward(layer, h) if opts.sequential else h_full
         return h, record
 
-    _layer_pass(adapter, cal, work, "quantize", step, "quantize")
+    _layer_pass(adapter, cal, work, "layers", step, "quantize")
 
 
 # --- stage 4: the GGUF ---------------------------------------------------------------------------------
@@ -302,6 +342,8 @@ def _allocate(adapter, checkpoint, units, records, cal, opts, base_plan) -> Allo
 
 def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run: bool = False,
             work_dir: Path | None = None) -> PMQResult:
+    """``work_dir`` (default ``OUT.mc2gguf-work``, removed when the file is complete) keeps the per-layer records;
+    one given here keeps its measurements for conversions of the same model to other budgets and layouts."""
     from .report import write_report
 
     checkpoint = Checkpoint(src)
@@ -311,7 +353,8 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
         raise Mc2ggufError(f"{out} exists; pass --force to overwrite it")
     if (opts.bpw is None) == (opts.size is None):
         raise Mc2ggufError("give exactly one budget: --bpw or --size")
-    work = WorkDir(work_dir or out.with_name(out.name + ".mc2gguf-work"), opts.fingerprint(checkpoint))
+    root = Path(work_dir or out.with_name(out.name + ".mc2gguf-work"))
+    work = WorkDir(root, opts.fingerprint(checkpoint, MEASURE_OPTIONS))
     cal = _calibration(checkpoint.path, opts, work)
     records = measure(adapter, cal, opts, work)
     units = allocation_units(records, _expert_shapes(adapter))
@@ -329,14 +372,15 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     for plan in base_plan.tensors:
         if plan.spec.role is Role.ATTENTION:
             non_expert.setdefault(plan.spec.layer, []).append(plan)
-    quantize_layers(adapter, cal, types, non_expert, opts, work)
+    quantized_work = WorkDir(root / "quantize", opts.fingerprint(checkpoint), replace_other=True)
+    quantize_layers(adapter, cal, types, non_expert, opts, work, quantized_work)
     by_name = {p.spec.name: p for p in base_plan.tensors}
     loaded: dict[int, dict] = {}
 
     def quantized(layer: int) -> dict:  # the file is written layer by layer: keep one layer's bytes
         if layer not in loaded:
             loaded.clear()
-            loaded[layer] = work.load("quantize", f"layer-{layer:03d}")
+            loaded[layer] = quantized_work.load("layers", f"layer-{layer:03d}")
         return loaded[layer]
 
     def produce(payload: TensorPayload) -> np.ndarray:
@@ -351,7 +395,11 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     with atomic_output(out, force, size) as tmp:
         write_gguf(tmp, adapter.gguf_architecture, metadata, payloads, produce)
     write_report(out, report)
-    work.remove()
+    quantized_work.remove()
+    if work_dir is None:
+        work.remove()
+    else:
+        print(f"note: the measurements stay in {root} for conversions to other budgets", file=sys.stderr)
     return PMQResult(out, size, allocation, report)
 
 

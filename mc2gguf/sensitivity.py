@@ -16,6 +16,7 @@ Both use the type's true block layout and scales, never a nominal bit width.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .archs import PROJECTIONS, ArchAdapter, ExpertWeights, LayerWeights
@@ -25,10 +26,11 @@ from .qtypes import QuantType
 
 
 def quantizer(method: str, damp: float = 0.01, act_order: bool = False):
+    """``(weights, hessian, type) -> GPTQResult``: the packed bytes and the values they hold."""
     if method == "gptq":
-        return lambda w, h, t: gptq_quantize(w, h, t, damp=damp, act_order=act_order).weights
+        return lambda w, h, t: gptq_quantize(w, h, t, damp=damp, act_order=act_order)
     if method == "rtn":
-        return lambda w, h, t: rtn_quantize(w, h, t).weights
+        return rtn_quantize
     raise ValueError(f"unknown quantizer {method!r}")
 
 
@@ -48,8 +50,12 @@ def measure_eps(
     units: list[tuple[str, ...]],
     palette: list[QuantType],
     quantize,
+    candidates: dict[tuple[int, str, str], np.ndarray] | None = None,
 ) -> dict[tuple[int, tuple[str, ...]], dict[str, float]]:
-    """``{(expert, projections): {type name: eps}}`` for every expert and unit of one layer."""
+    """``{(expert, projections): {type name: eps}}`` for every expert and unit of one layer.
+
+    ``candidates``, when given, receives the packed bytes of every quantization, ``{(expert, projection, type
+    name): bytes}``: where they are what the writer would produce, quantization reuses them."""
     eps: dict[tuple[int, tuple[str, ...]], dict[str, float]] = {}
     for e, expert in enumerate(layer.experts):
         cal = calibration.experts[e]
@@ -59,7 +65,10 @@ def measure_eps(
         for qtype in palette:
             if not all(qtype.fits(expert.get(p).shape[1]) for p in PROJECTIONS):
                 continue
-            quantized = {p: quantize(expert.get(p), cal.hessians[p], qtype) for p in PROJECTIONS}
+            results = {p: quantize(expert.get(p), cal.hessians[p], qtype) for p in PROJECTIONS}
+            quantized = {p: r.weights for p, r in results.items()}
+            if candidates is not None:
+                candidates.update({(e, p, qtype.name): r.data for p, r in results.items()})
             for projs in units:
                 q = ExpertWeights(**{p: quantized[p] if p in projs else expert.get(p) for p in PROJECTIONS})
                 y = adapter.expert_activation(q, x) @ q.down.T

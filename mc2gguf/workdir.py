@@ -2,7 +2,8 @@
 
 Every record is written to a temporary name and renamed, so a kill at any moment leaves either the old
 state or the new one. ``run.json`` holds the fingerprint of everything the result depends on (inputs,
-options, mc2gguf version); a directory left by a different run is refused rather than mixed in.
+options, mc2gguf version); a directory left by a different run is refused rather than mixed in, or, where
+asked, emptied and started again.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,16 @@ from .errors import Mc2ggufError
 
 
 class WorkDir:
-    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+    def __init__(self, path: Path, fingerprint: dict[str, Any], replace_other: bool = False):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         run = self.path / "run.json"
         wanted = json.dumps(fingerprint, sort_keys=True, indent=1)
-        if run.exists() and run.read_text() != wanted:
+        if run.exists() and run.read_text() != wanted and replace_other:
+            print(f"note: {self.path} held the records of another conversion; starting it again", file=sys.stderr)
+            shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+        elif run.exists() and run.read_text() != wanted:
             raise Mc2ggufError(
                 f"work directory {self.path} holds a different conversion (other inputs or options); "
                 "remove it or choose another --work-dir"

@@ -6,6 +6,7 @@ one layer of the test model, then converts a model about twice CAP in size.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -49,17 +50,22 @@ def test_conversion_fits_a_memory_cap_smaller_than_the_model(tmp_path, tokenizer
 
 PMQ_CONFIG = TinyMixtralConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=8,
                                num_key_value_heads=2, num_local_experts=4)
-# One layer of PMQ's working set: fp32 weights, float64 Hessians (gate/up share one), activations.
-PMQ_LAYER_BYTES = 4 * (3 * 4 * 512 * 1024 + 4 * 512 * 512) + 8 * 4 * (512 * 512 + 1024 * 1024)
+# One layer of PMQ's working set: fp32 weights, float32 Hessians (gate/up share one); the activations of
+# 2 x 64 calibration tokens are negligible.
+PMQ_LAYER_BYTES = 4 * (3 * 4 * 512 * 1024 + 4 * 512 * 512) + 4 * 4 * (512 * 512 + 1024 * 1024)
+# GPTQ of a down projection on top of it: its Hessian in float64, the Cholesky factor and its inverse.
+PMQ_GPTQ_BYTES = 3 * 8 * 1024 * 1024
 
 PMQ_CHILD = textwrap.dedent("""
     import resource, sys
     from pathlib import Path
+    from mc2gguf.calib_data import load_calibration
     from mc2gguf.cli import main
 
     rss = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
     src, out, calib = sys.argv[1:4]
     main(["convert", src, out + ".warmup", "--type", "Q4_0"])  # imports, upstream metadata, allocator warm-up
+    load_calibration(Path(src), [Path(calib)], 2, 64, 0)  # a cost that does not grow with the model: transformers
     base = rss()
     code = main(["convert", src, out, "--bpw", "6", "--palette", "Q4_0,Q8_0", "--eps-method", "rtn",
                  "--calib", calib, "--nsamples", "2", "--seqlen", "64", "--eps-tokens", "64"])
@@ -69,17 +75,25 @@ PMQ_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="measured 2026-11-23: PMQ's peak RSS grows by 1003 MiB on this 267 MiB model "
-                   "(one layer's working set: 68 MiB); PMQ memory is not yet bounded by one layer")
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-23: PMQ's peak RSS grows by 296 and 335 MiB in this test (bound "
+                   "144 MiB), although an instrumented run of the same conversion grew by 99 MiB; not yet explained")
 def test_pmq_peak_memory_is_about_one_layer(tmp_path, tokenizer_model):
-    """PMQ holds one layer (weights, Hessians, activations): its peak RSS growth stays well below the model."""
+    """PMQ holds one layer (weights, Hessians, activations) and one GPTQ at a time: its peak RSS growth stays
+    within twice that (the rest: torch code run for the first time, the records, per-thread buffers), well
+    below the model."""
     model = build_tiny_mixtral(tmp_path / "model", tokenizer_model, config=PMQ_CONFIG)
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     calib = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4" / "c4-sample.jsonl"
+    # glibc serves a block below its mmap threshold from the heap, where it stays resident once freed while other
+    # blocks sit above it; the threshold adapts up to 32 MiB, above this model's tensors (2 to 8 MiB) and far
+    # below a real model's, which get mappings of their own. Fixed low, the test model's blocks do too, and the
+    # growth measures what PMQ holds rather than where the heap happened to place them.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
     proc = subprocess.run([sys.executable, "-c", PMQ_CHILD, str(model), str(tmp_path / "out.gguf"), str(calib)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth = int(proc.stdout.split("rss-growth")[1].split()[0])
+    layer = PMQ_LAYER_BYTES + PMQ_GPTQ_BYTES
     print(f"PMQ peak RSS growth {growth / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB; "
-          f"one layer's working set {PMQ_LAYER_BYTES / 2**20:.0f} MiB")
-    assert growth < 2 * PMQ_LAYER_BYTES < model_bytes
+          f"one layer's working set {PMQ_LAYER_BYTES / 2**20:.0f} MiB, with GPTQ's {layer / 2**20:.0f} MiB")
+    assert growth < 2 * layer < model_bytes

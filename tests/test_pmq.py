@@ -154,7 +154,7 @@ def test_resume_after_kill_is_byte_identical(tiny_mixtral, tmp_path):
     proc = subprocess.Popen([a if a != "OUT" else str(out) for a in argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (work / "quantize" / "layer-000.pt").exists() and time.time() < deadline and proc.poll() is None:
+    while not (work / "quantize" / "layers" / "layer-000.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     os.kill(proc.pid, signal.SIGKILL)
@@ -163,6 +163,27 @@ def test_resume_after_kill_is_byte_identical(tiny_mixtral, tmp_path):
     subprocess.run([a if a != "OUT" else str(out) for a in argv], check=True, capture_output=True)
     assert out.read_bytes() == reference.read_bytes()
     assert not work.exists()
+
+
+def test_measurements_serve_other_budgets(tiny_mixtral, tmp_path, monkeypatch):
+    """A --work-dir keeps the measurements (and the eps stage's GPTQ bytes): a second budget from it measures
+    nothing again, and its file is byte-identical to a conversion that measured and quantized from scratch."""
+    import mc2gguf.pmq
+
+    work = tmp_path / "work"
+    fast = ["--palette", "Q3_K,Q4_K,Q6_K", "--eps-tokens", "64"]
+    assert _convert(tiny_mixtral, tmp_path / "a.gguf", "--bpw", "4", *fast, "--work-dir", str(work)) == 0
+    records = sorted((work / "measure").glob("*.pt"))
+    assert [p.name for p in records] == ["candidates-000.pt", "candidates-001.pt", "layer-000.pt", "layer-001.pt"]
+    measured = {p: p.stat().st_mtime_ns for p in records}
+    assert _convert(tiny_mixtral, tmp_path / "b.gguf", "--bpw", "5", *fast, "--work-dir", str(work)) == 0
+    assert {p: p.stat().st_mtime_ns for p in records} == measured
+    assert not (work / "quantize").exists()
+    monkeypatch.setattr(mc2gguf.pmq, "_keeps_candidates", lambda *args: False)
+    assert _convert(tiny_mixtral, tmp_path / "c.gguf", "--bpw", "5", *fast) == 0
+    assert not (tmp_path / "c.gguf.mc2gguf-work").exists()
+    assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "c.gguf").read_bytes()
+    assert (tmp_path / "a.gguf").read_bytes() != (tmp_path / "b.gguf").read_bytes()
 
 
 def test_written_experts_dequantize_to_what_gptq_produced(tiny_mixtral, tmp_path):
