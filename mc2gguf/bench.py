@@ -6,8 +6,9 @@ of equal top tokens. Rows: f16; llama.cpp types quantized with an imatrix comput
 same calibration text; a llama.cpp layer mix at each of mc2gguf's sizes (the pinned llama-quantize has no
 ``--target-bpw``: each layer's experts take the lower or the higher of the two ladder types around the
 target, as many layers the higher as the budget allows); mc2gguf's PMQ at each experts' bits per weight and
-layout, each with ODP off and on. Speed comes from llama-bench, conversion cost from the wall time and
-peak RSS of each stage's process.
+layout, each with ODP off and on, and for one of them ODP with its thresholds mu scaled (the pinned llama.cpp reads
+mu only from the file, so each scale is a copy of the file with other mu). Speed comes from llama-bench,
+conversion cost from the wall time and peak RSS of each stage's process.
 
 Each stage leaves its output in the work directory and is skipped when the output exists, so an
 interrupted run resumes where it stopped.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from .calib_data import documents
 from .errors import Mc2ggufError
+from .gguf_out import KeyValue, copy_with_metadata, read_metadata
 from .inspect_gguf import summarize
 from .llama_build import find_llama_build
 from .qtypes import quant_type
@@ -34,6 +36,7 @@ from .qtypes import quant_type
 LLAMA_TYPES = ("Q2_K", "Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "Q3_K_S")
 # expert types of the llama.cpp layer mix, in increasing bits per weight (each one that llama.cpp's CUDA backend runs)
 MIX_LADDER = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
+MU_KEY = "mc2gguf.odp.mu"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class BenchConfig:
     nsamples: int = 128
     seqlen: int = 512
     speed: bool = True
+    mu_scales: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)  # ODP sweep of the middle budget's first layout
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Row:
     kld: float | None = None
     same_top: float | None = None  # percent
     skip_ratio: float | None = None
+    mu_scale: float = 1.0  # ODP's thresholds, relative to the calibrated ones
     cost: dict[str, Cost] = field(default_factory=dict)
 
 
@@ -154,7 +159,16 @@ class Bench:
         calib = [a for path in self.c.calib for a in ("--calib", path)]
         self._stage(f"pmq-{bpw:.2f}-{layout}", out, self._mc2gguf(
             "convert", self.c.model, out, "--bpw", bpw, "--layout", layout, *calib, "--nsamples", self.c.nsamples,
-            "--seqlen", self.c.seqlen, "--seed", self.c.seed, "--work-dir", self.c.work / f"pmq-{bpw:.2f}-{layout}"))
+            "--seqlen", self.c.seqlen, "--seed", self.c.seed, "--work-dir", self.c.work / "pmq-work"))  # measured once
+        return out
+
+    def scaled_mu(self, path: Path, scale: float) -> Path:
+        """A copy of ``path`` whose ODP thresholds are ``scale`` times the calibrated ones (at most 1)."""
+        out = self.c.work / f"{path.stem}-mu{scale:g}.gguf"
+        if not out.exists():
+            mu = next(kv for kv in read_metadata(path) if kv.key == MU_KEY)
+            copy_with_metadata(path, out, {MU_KEY: KeyValue(MU_KEY, [min(1.0, m * scale) for m in mu.value],
+                                                            mu.vtype, mu.sub_type)})
         return out
 
     # --- evaluation --------------------------------------------------------------------------------------
@@ -230,6 +244,11 @@ class Bench:
                 for prune in (False, True):
                     rows.append(self.evaluate(self._row("mc2gguf", f"PMQ {bpw:.2f} {layout}", path,
                                                         f"pmq-{bpw:.2f}-{layout}"), prune))
+                if self.c.layouts.index(layout) == 0 and bpw == self.c.bpws[len(self.c.bpws) // 2]:
+                    for scale in self.c.mu_scales:
+                        row = self._row("mc2gguf", f"PMQ {bpw:.2f} {layout}", self.scaled_mu(path, scale))
+                        row.mu_scale = scale
+                        rows.append(self.evaluate(row, True))
         speed = []
         if self.c.speed:
             others = [f16] + [Path(r.file) for r in rows if r.method.startswith("llama.cpp")]
@@ -277,10 +296,11 @@ def render_markdown(results: dict) -> str:
              "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         skip = f"{100 * r['skip_ratio']:.1f} %" if r["skip_ratio"] is not None else ""
+        odp = ("on" + ("" if r["mu_scale"] == 1.0 else f", mu x{r['mu_scale']:g}")) if r["odp"] else "off"
         kld = f"{r['kld']:.4f}" if r["kld"] is not None else ""
         top = f"{r['same_top']:.2f}" if r["same_top"] is not None else ""
         lines.append(f"| {r['method']} | {r['name']} | {r['size'] / 2**20:.2f} | {r['expert_bpw']:.3f} | "
-                     f"{'on' if r['odp'] else 'off'} | {skip} | {r['ppl']:.3f} ± {r['ppl_err']:.3f} | {kld} | {top} | "
+                     f"{odp} | {skip} | {r['ppl']:.3f} ± {r['ppl_err']:.3f} | {kld} | {top} | "
                      f"{_equal_size_note(r, rows)} |")
     if results["speed"]:
         lines += ["", "| file | test | ODP | pruned | tokens/s |", "|---|---|---|---:|---:|"]
@@ -317,18 +337,22 @@ def plot(results: dict, out_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / f"{metric}_vs_size.png", dpi=120)
         plt.close(fig)
-    pairs = {}
+    off = {r["name"]: r for r in results["rows"] if r["method"] == "mc2gguf" and not r["odp"]}
+    curves: dict[str, list] = {}
     for r in results["rows"]:
-        if r["method"] == "mc2gguf":
-            pairs.setdefault(r["name"], {})[r["odp"]] = r
+        if r["method"] == "mc2gguf" and r["odp"] and r["name"] in off:
+            curves.setdefault(r["name"], []).append(
+                (100 * r["skip_ratio"], 100 * (r["ppl"] / off[r["name"]]["ppl"] - 1), r["mu_scale"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, p in pairs.items():
-        if True in p and False in p:
-            ax.scatter(100 * p[True]["skip_ratio"], 100 * (p[True]["ppl"] / p[False]["ppl"] - 1), label=name)
+    for name, pts in curves.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if len(pts) > 1 else "", label=name)
+        for x, y, scale in pts if len(pts) > 1 else []:
+            ax.annotate(f"mu x{scale:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("second-expert slots skipped (%)")
-    ax.set_ylabel("perplexity change (%)")
+    ax.set_ylabel("perplexity change vs ODP off (%)")
     ax.grid(alpha=0.3)
-    if pairs:
+    if curves:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "odp_tradeoff.png", dpi=120)

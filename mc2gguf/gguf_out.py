@@ -117,6 +117,18 @@ def atomic_output(out: Path, force: bool, needed_bytes: int) -> Iterator[Path]:
         raise
 
 
+def copy_with_metadata(src: Path, dst: Path, replace: dict[str, KeyValue]) -> None:
+    """``dst``: ``src`` with the key/values in ``replace`` changed, the tensors copied byte for byte."""
+    reader = GGUFReader(src)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    metadata = [replace.get(kv.key, kv) for kv in read_metadata(src)]
+    tensors = {t.name: t for t in reader.tensors}
+    payloads = [TensorPayload(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type, int(t.n_bytes))
+                for t in reader.tensors]
+    with atomic_output(dst, True, expected_file_size(arch, metadata, payloads)) as tmp:
+        write_gguf(tmp, arch, metadata, payloads, lambda p: np.asarray(tensors[p.name].data))
+
+
 def write_gguf(
     path: Path,
     arch: str,

@@ -7,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFReader
 
 from mc2gguf.bench import README_BEGIN, README_END, Bench, BenchConfig, update_readme
 from mc2gguf.inspect_gguf import summarize
@@ -21,14 +23,14 @@ def bench_run(tiny_mixtral, tmp_path_factory, llama_build):
         model=tiny_mixtral, work=tmp_path_factory.mktemp("bench"),
         calib=(SHARED_DATA / "c4" / "c4-sample.jsonl",), eval_text=SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw",
         ctx=128, chunks=3, llama_types=("Q2_K",), bpws=(2.5,), layouts=("mixed",), nsamples=8, seqlen=128,
-        speed=False,
+        speed=False, mu_scales=(0.5, 1.5),
     )
     return config, Bench(config).run()
 
 
 def test_rows_and_numbers(bench_run):
     config, results = bench_run
-    rows = {(r["name"], r["odp"]): r for r in results["rows"]}
+    rows = {(r["name"], r["odp"]): r for r in results["rows"] if r["mu_scale"] == 1.0}
     assert set(rows) == {("f16", False), ("Q2_K + imatrix", False), ("layer mix @ 2.50", False),
                          ("PMQ 2.50 mixed", False), ("PMQ 2.50 mixed", True)}
     for r in results["rows"]:
@@ -40,6 +42,13 @@ def test_rows_and_numbers(bench_run):
     assert pmq["expert_bpw"] == pytest.approx(2.5, abs=0.01)
     assert pmq["skip_ratio"] is None and 0 < rows[("PMQ 2.50 mixed", True)]["skip_ratio"] < 1
     assert rows[("PMQ 2.50 mixed", True)]["ppl"] != pmq["ppl"]
+    # the ODP sweep: the same file with mu scaled (at most 1) prunes more as mu grows
+    sweep = {r["mu_scale"]: r for r in results["rows"] if r["name"] == "PMQ 2.50 mixed" and r["odp"]}
+    assert set(sweep) == {0.5, 1.0, 1.5}
+    assert sweep[0.5]["skip_ratio"] < sweep[1.0]["skip_ratio"] < sweep[1.5]["skip_ratio"]
+    mu = {s: np.array(GGUFReader(sweep[s]["file"]).fields["mc2gguf.odp.mu"].contents()) for s in sweep}
+    assert np.allclose(mu[0.5], 0.5 * mu[1.0]) and np.allclose(mu[1.5], np.minimum(1.0, 1.5 * mu[1.0]))
+    assert sweep[0.5]["size"] == sweep[1.0]["size"]
     # the layer mix: IQ2_S (2.5625) for the experts of as many of the 2 layers as fit in 2.5, IQ2_XS (2.3125)
     # for the others
     assert rows[("layer mix @ 2.50", False)]["expert_bpw"] == pytest.approx((2.5625 + 2.3125) / 2)
