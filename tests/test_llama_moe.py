@@ -97,8 +97,10 @@ def merged_experts(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_logits(path: Path, source: Path, tokens: list[int], tmp: Path) -> np.ndarray:
-    """transformers' Mixtral on exactly the weights ``path`` holds (dequantized, groups merged)."""
+def reference_logits(path: Path, source: Path, tokens: list[int], tmp: Path) -> tuple[np.ndarray, float]:
+    """transformers' Mixtral on exactly the weights ``path`` holds (dequantized, groups merged): the logits, and
+    the smallest gap between the second and third router logits of any token and layer (how far the top-2
+    choice is from a tie that another backend's rounding could flip)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -119,7 +121,9 @@ def reference_logits(path: Path, source: Path, tokens: list[int], tmp: Path) -> 
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
     model = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].numpy()
+        out = model(torch.tensor([tokens]), output_router_logits=True)
+    ranked = [torch.sort(r.reshape(len(tokens), -1), -1, descending=True).values for r in out.router_logits]
+    return out.logits[0].numpy(), min(float((r[:, 1] - r[:, 2]).min()) for r in ranked)
 
 
 def random_tokens(n: int, seed: int = 0) -> list[int]:
@@ -277,17 +281,26 @@ def test_single_expert_groups(uniform, tmp_path):
 
 def test_mixed_types_match_reference(mixed, tiny_mixtral, tmp_path):
     """A file with several types per layer runs what it holds: transformers on the file's dequantized
-    weights (groups merged) agrees to 8-bit activation rounding, with the same argmax everywhere."""
+    weights (groups merged) agrees to 8-bit activation rounding, with the same top token wherever it is clear.
+
+    The tokens are chosen so that no top-2 choice is near a tie: on an H100 another seed's tokens met a gap of
+    2e-4 between the second and third router logits, CUDA's rounding (router logits 4e-4 apart) picked the other
+    expert, and from there the logits differed by 0.4 of the largest, for the F32 stock file as for this one."""
     types = {t.name: t.tensor_type.name for t in GGUFReader(mixed).tensors}
     assert {types[f"blk.0.ffn_gate_exps.{g}.weight"] for g in range(3)} == set(MIXED_TYPES)
-    tokens = random_tokens(48, seed=4)
+    tokens = random_tokens(48, seed=40)
     ours = eval_tokens(mixed, tokens)["logits"]
-    expected = reference_logits(mixed, tiny_mixtral, tokens, tmp_path / "deq")
+    expected, routing_margin = reference_logits(mixed, tiny_mixtral, tokens, tmp_path / "deq")
+    assert routing_margin > 1e-2, f"the tokens meet a near-tie of the top-2 routing ({routing_margin:.2g})"
     assert np.isfinite(ours).all()
     err = np.abs(ours - expected).max() / np.abs(expected).max()
     assert err < 2e-2, err  # 6e-3 measured: F16 and 8-bit activation rounding
     assert np.corrcoef(ours.ravel(), expected.ravel())[0, 1] > 0.999
-    assert (ours.argmax(-1) == expected.argmax(-1)).all()
+    # the same top token wherever the reference's top two are further apart than twice the largest error
+    top2 = np.sort(expected, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(ours - expected).max()
+    assert clear.mean() > 0.5, clear.mean()  # 0.65 measured
+    assert (ours.argmax(-1) == expected.argmax(-1))[clear].all()
 
 
 # --- (c) ODP in the graph ----------------------------------------------------------------------------------------
