@@ -46,7 +46,7 @@ class BenchConfig:
     calib: tuple[Path, ...]
     eval_text: Path
     ctx: int = 512
-    chunks: int = -1  # -1: the whole evaluation text
+    chunks: int = 16  # -1: the whole evaluation text
     threads: int = 2
     seed: int = 0
     llama_types: tuple[str, ...] = LLAMA_TYPES
@@ -81,18 +81,36 @@ class Row:
     cost: dict[str, Cost] = field(default_factory=dict)
 
 
+# Linux carries a process's peak RSS (ru_maxrss) across fork and exec, so a stage started from this process would
+# report at least this process's own RSS. The stage is therefore started from a small Python process, and its
+# peak read there from the stage's own rusage.
+_PEAK_RSS_RUNNER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[2:])\n"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))\n"
+    "sys.exit(code)\n"
+)
+
+
 def _run(cmd: list, log: Path) -> tuple[str, Cost]:
     """Run ``cmd`` (output to ``log``), return its output and its wall time and peak RSS; fail clearly."""
+    peak_file = log.with_suffix(".peak-rss")
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(peak_file), *(str(c) for c in cmd)],
+                              stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - start
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-20:])
         raise Mc2ggufError(f"{Path(str(cmd[0])).name} failed ({proc.returncode}), see {log}:\n{tail}")
-    return text, Cost(time.monotonic() - start, usage.ru_maxrss * 1024)
+    peak = int(peak_file.read_text())
+    peak_file.unlink()
+    return text, Cost(seconds, peak)
+
+
+# The options that shape the quantized files (and the imatrix): a work directory holds files of one setting.
+_FILE_OPTIONS = ("model", "calib", "ctx", "seed", "nsamples", "seqlen")
 
 
 class Bench:
@@ -100,8 +118,22 @@ class Bench:
         self.c = config
         self.bin = find_llama_build().bin_dir
         config.work.mkdir(parents=True, exist_ok=True)
+        self._check_work_options()
+        # evaluations depend on the evaluation settings too: one directory per setting, so other chunk counts
+        # evaluate again instead of reusing logs
+        self.eval_dir = config.work / f"eval-ctx{config.ctx}-chunks{config.chunks}"
+        self.eval_dir.mkdir(exist_ok=True)
         self.costs_file = config.work / "costs.json"
         self.costs: dict[str, dict] = json.loads(self.costs_file.read_text()) if self.costs_file.exists() else {}
+
+    def _check_work_options(self) -> None:
+        stamp = self.c.work / "bench-options.json"
+        options = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v
+                   for k, v in asdict(self.c).items() if k in _FILE_OPTIONS}
+        if stamp.exists() and json.loads(stamp.read_text()) != options:
+            raise Mc2ggufError(f"{self.c.work} holds files made with other options ({stamp.name}: "
+                               f"{stamp.read_text().strip()}); choose another --work")
+        stamp.write_text(json.dumps(options, indent=1))
 
     # --- stages: each makes one file once --------------------------------------------------------------
 
@@ -177,8 +209,8 @@ class Bench:
         return ["-f", self.c.eval_text, "-c", self.c.ctx, "--chunks", self.c.chunks, "-t", self.c.threads]
 
     def kld_base(self) -> tuple[Path, float, float]:
-        base = self.c.work / "f16.kld"
-        log = self.c.work / "ppl-f16.log"
+        base = self.eval_dir / "f16.kld"
+        log = self.eval_dir / "ppl-f16.log"
         if not base.exists() or not log.exists():
             _run([self.bin / "llama-perplexity", "-m", self.f16(), *self._perplexity_args(),
                   "--kl-divergence-base", base], log)
@@ -188,7 +220,7 @@ class Bench:
     def evaluate(self, row: Row, prune: bool | None = None) -> Row:
         base, _, _ = self.kld_base()
         tag = Path(row.file).stem + ("" if prune is None else f"-odp-{'on' if prune else 'off'}")
-        log = self.c.work / f"ppl-{tag}.log"
+        log = self.eval_dir / f"ppl-{tag}.log"
         if not log.exists() or "Same top p" not in log.read_text(errors="replace"):
             switch = [] if prune is None else ["--moe-prune", "on" if prune else "off"]
             _run([self.bin / "llama-perplexity", "-m", row.file, *self._perplexity_args(),

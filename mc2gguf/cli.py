@@ -64,9 +64,12 @@ def _cmd_build_llama(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import run_demo, run_tiny_demo
 
-    run_demo(Path(args.workdir), quant_type(args.type), args.prompt)
+    if args.tiny:
+        run_tiny_demo(Path(args.workdir), quant_type(args.type), args.prompt)
+    else:
+        run_demo(Path(args.workdir), args.prompt, args.bpw)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ../shared/data C4 sample and TinyStories)")
     p.add_argument("--eval", help="evaluation text (default: ../shared/data WikiText-2 raw test)")
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=-1, help="evaluation chunks (default: all)")
+    p.add_argument("--chunks", type=int, default=16, help="evaluation chunks of --ctx tokens (default 16; -1: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-types", help="llama.cpp types quantized with the imatrix, comma-separated "
@@ -305,10 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=None, help="concurrent request slots (default: llama-server's)")
     p.set_defaults(func=_cmd_serve, server_args=[])
 
-    p = sub.add_parser("demo", help="build a small seeded Mixtral, convert it and run it in llama.cpp")
-    p.add_argument("--workdir", default="mc2gguf-demo", help="where the model and GGUF go (default: ./mc2gguf-demo)")
-    p.add_argument("--type", default="Q4_K", help=type_help + "; default Q4_K")
+    p = sub.add_parser("demo", help="compress the reference MoE (real weights) with PMQ and run it in the patched "
+                       "llama.cpp with ODP; --tiny: a small random Mixtral instead")
+    p.add_argument("--workdir", default="mc2gguf-demo", help="where the GGUF and work files go (default: ./mc2gguf-demo)")
+    p.add_argument("--bpw", type=float, default=2.5, help="experts' bits per weight (default 2.5)")
     p.add_argument("--prompt", default="Once upon a time", help="prompt for llama.cpp")
+    p.add_argument("--tiny", action="store_true", help="a small seeded random Mixtral converted to --type: "
+                   "seconds instead of minutes, random text")
+    p.add_argument("--type", default="Q4_K", help=type_help + "; with --tiny; default Q4_K")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from gguf import GGUFReader
 
 from mc2gguf.bench import README_BEGIN, README_END, Bench, BenchConfig, update_readme
+from mc2gguf.errors import Mc2ggufError
 from mc2gguf.inspect_gguf import summarize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -66,6 +68,15 @@ def test_second_run_resumes(bench_run):
     assert {p.name: p.stat().st_mtime_ns for p in config.work.glob("*.gguf")} == before
     assert [(r["name"], r["ppl"], r["kld"]) for r in again["rows"]] == [(r["name"], r["ppl"], r["kld"])
                                                                         for r in results["rows"]]
+
+
+def test_work_directory_of_other_options_is_refused(bench_run):
+    config, _ = bench_run
+    with pytest.raises(Mc2ggufError, match="other options"):
+        Bench(replace(config, nsamples=config.nsamples + 1))
+    # other evaluation settings are evaluated again, beside the first ones, from the same files
+    other = Bench(replace(config, chunks=config.chunks + 1))
+    assert other.eval_dir != Bench(config).eval_dir and other.eval_dir.parent == config.work
 
 
 def test_readme_section(bench_run, tmp_path):
