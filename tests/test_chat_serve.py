@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -424,7 +425,30 @@ def test_serve_odp_switches(odp_gguf, capsys, llama_build, server):
     srv = server(odp_gguf, "--moe-prune", "on", "--moe-protect", "0.02", "--ctx", 512)
     status, text = post(srv.base + "/completion", {"prompt": "Once upon a time", "n_predict": 4, "temperature": 0})
     assert status == 200 and text
+    # the response's timings count the routed and pruned expert slots, top-2 per token and layer: layer 0 routes
+    # every token decoded (the prompt and every generated token but the last); llama.cpp computes the last
+    # layer only for the tokens whose logits it outputs, one per generated token
+    request = urllib.request.Request(srv.base + "/completion", json.dumps(
+        {"prompt": "The little dog played", "n_predict": 6, "temperature": 0, "cache_prompt": False}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=HANG) as r:
+        timings = json.loads(r.read())["timings"]
+    decoded, generated = timings["prompt_n"] + timings["predicted_n"] - 1, timings["predicted_n"]
+    assert timings["moe_routed_slots"] == 2 * decoded + 2 * generated, timings
+    assert 0 < timings["moe_pruned_slots"] <= timings["moe_routed_slots"] // 2, timings
     assert srv.interrupt()[0] == 0
+
+
+def test_llama_cli_reports_pruned_slots(odp_gguf, llama_build):
+    """llama-cli's one-line report after an answer carries the pruned-slot counter (patch 0009)."""
+    proc = subprocess.run([str(llama_build.binary("llama-cli")), "-m", str(odp_gguf), "-p", "Once upon a time",
+                           "-n", "8", "--temp", "0", "-c", "512", "-t", "1", "-st"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=HANG)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r"MoE pruned slots: (\d+) / (\d+) \(([\d.]+) %\)", proc.stdout + proc.stderr)
+    assert found, (proc.stdout + proc.stderr)[-2000:]
+    pruned, routed = int(found[1]), int(found[2])
+    assert 0 < pruned <= routed // 2 and routed % 2 == 0
 
 
 def test_serve_passes_odp_switches_when_llama_server_lists_them(monkeypatch, tmp_path):
