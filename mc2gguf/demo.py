@@ -1,22 +1,51 @@
-"""``mc2gguf demo``: the whole path on an embedded default model, for a first run on a new machine.
+"""``mc2gguf demo``: the main job on an embedded default model, for a first run on a new machine.
 
-Builds the pinned llama.cpp (cached), writes a small seeded random Mixtral, converts it and generates
-text with llama.cpp. The model is random, so the text is too: the demo shows the pipeline works end to end.
+By default: the real-weights reference MoE (``mc2gguf build-reference``, SmolLM2-135M-Instruct turned into a
+Mixtral; built once and cached), compressed by PMQ to 2.5 bits per expert weight with each expert in its own
+type, then run by the patched llama.cpp with ODP pruning on, printing its text and the measured share of
+pruned expert slots. Calibration and the candidate types are cut to a demo's size so it takes minutes;
+``mc2gguf convert`` defaults to the paper's full calibration and a palette of nine types.
+
+``--tiny`` instead converts a small seeded random Mixtral to one type: seconds, but random text.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
+from .cli import main as cli_main
 from .convert import convert
 from .inspect_gguf import render, summarize
-from .llama_build import build_llama
+from .llama_build import LlamaBuild, build_llama
 from .qtypes import QuantType
+from .reference_moe import DEFAULT_CALIB, build_reference_moe
 from .testmodel import build_tiny_mixtral, default_tokenizer
 
+# A demo's measurement: 32 windows of 512 tokens and four candidate types. Its time goes to quantizing every
+# expert to every candidate (0.1-0.5 s per matrix and type), so the default palette of nine types (and the
+# default 128 x 2048 tokens) takes about half an hour on 2 cores for this model.
+DEMO_PMQ_OPTIONS = ("--nsamples", "32", "--seqlen", "512", "--palette", "IQ2_XXS,IQ2_S,IQ3_S,Q4_K")
 
-def run_demo(workdir: Path, qtype: QuantType, prompt: str) -> None:
+
+def run_demo(workdir: Path, prompt: str, bpw: float) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    build = build_llama()
+    model = build_reference_moe(evaluate=False)  # its perplexity (15 min on 2 cores) is the bench's business
+    print(f"reference MoE: {model.path}")
+    out = workdir / f"reference-moe-{bpw:g}bpw.gguf"
+    calib = ["--calib", str(DEFAULT_CALIB)] if DEFAULT_CALIB.is_file() else []  # else: text the model samples
+    argv = ["convert", str(model.path), str(out), "--bpw", str(bpw), *calib, *DEMO_PMQ_OPTIONS,
+            "--work-dir", str(workdir / "pmq-work"), "--force"]  # measurements kept: a second run only writes
+    print("$ mc2gguf " + " ".join(argv), flush=True)
+    if cli_main(argv) != 0:
+        raise SystemExit(1)
+    print(render(summarize(out)).split("\n\n")[0])
+    _generate(build, out, prompt, 64)
+
+
+def run_tiny_demo(workdir: Path, qtype: QuantType, prompt: str) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     build = build_llama()
     model_dir = workdir / "tiny-mixtral"
@@ -25,10 +54,21 @@ def run_demo(workdir: Path, qtype: QuantType, prompt: str) -> None:
     out = workdir / f"tiny-mixtral-{qtype.name}.gguf"
     convert(model_dir, out, qtype, force=True)
     print(render(summarize(out)).split("\n\n")[0])
-    print(f"\n$ llama-completion -m {out} -p {prompt!r} -n 32 --temp 0")
-    subprocess.run(
-        [str(build.binary("llama-completion")), "-m", str(out), "-p", prompt, "-n", "32", "--temp", "0",
-         "-no-cnv", "--no-warmup"],
-        check=True, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    _generate(build, out, prompt, 32)
+
+
+def _generate(build: LlamaBuild, model: Path, prompt: str, n_tokens: int) -> None:
+    """Greedy text (with llama.cpp's repetition penalty: a 135M model loops without it) from the patched
+    llama-completion, then its MoE pruning counter."""
+    print(f"\n$ llama-completion -m {model} -p {prompt!r} -n {n_tokens} --temp 0 --repeat-penalty 1.2", flush=True)
+    proc = subprocess.run(
+        [str(build.binary("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n_tokens), "--temp", "0",
+         "--repeat-penalty", "1.2", "-no-cnv", "--no-warmup"],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
     )
     print()
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-completion failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    counter = re.search(r"MoE pruned slots = .*", proc.stderr)
+    if counter:
+        print(counter[0])
