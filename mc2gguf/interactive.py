@@ -259,6 +259,9 @@ def run_chat(model: Path, *, system: str | None = None, n_ctx: int = 4096, n_thr
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
+            # Python keeps SIGINT ignored when it starts with it ignored (a shell script's `cmd &` does that), and
+            # then Ctrl-C would not quit at the prompt; answers install their own handler either way
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             notice("Ctrl-C stops an answer; /reset clears the conversation; /exit, Ctrl-D or Ctrl-C quits.")
         while True:
             try:
