@@ -52,8 +52,9 @@ class BenchConfig:
     llama_types: tuple[str, ...] = LLAMA_TYPES
     bpws: tuple[float, ...] = (2.0, 2.5, 3.0)
     layouts: tuple[str, ...] = ("mixed", "stock")
-    nsamples: int = 128
+    nsamples: int = 64
     seqlen: int = 512
+    eps_tokens: int = 1024  # routed tokens per expert on which PMQ measures eps (convert's default: 4096)
     speed: bool = True
     mu_scales: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)  # ODP sweep of the middle budget's first layout
 
@@ -92,13 +93,14 @@ _PEAK_RSS_RUNNER = (
 )
 
 
-def _run(cmd: list, log: Path) -> tuple[str, Cost]:
-    """Run ``cmd`` (output to ``log``), return its output and its wall time and peak RSS; fail clearly."""
+def _run(cmd: list, log: Path, stdout: Path | None = None) -> tuple[str, Cost]:
+    """Run ``cmd`` (output to ``log``; standard output to ``stdout`` instead, if given), return the log and its
+    wall time and peak RSS; fail clearly."""
     peak_file = log.with_suffix(".peak-rss")
     start = time.monotonic()
-    with open(log, "w") as out:
+    with open(log, "w") as err, open(stdout or os.devnull, "w") as out:
         proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(peak_file), *(str(c) for c in cmd)],
-                              stdout=out, stderr=subprocess.STDOUT)
+                              stdout=out if stdout else err, stderr=err)
     seconds = time.monotonic() - start
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
@@ -110,7 +112,7 @@ def _run(cmd: list, log: Path) -> tuple[str, Cost]:
 
 
 # The options that shape the quantized files (and the imatrix): a work directory holds files of one setting.
-_FILE_OPTIONS = ("model", "calib", "ctx", "seed", "nsamples", "seqlen")
+_FILE_OPTIONS = ("model", "calib", "ctx", "seed", "nsamples", "seqlen", "eps_tokens")
 
 
 class Bench:
@@ -137,12 +139,17 @@ class Bench:
 
     # --- stages: each makes one file once --------------------------------------------------------------
 
+    def _record(self, log: Path, cost: Cost) -> None:
+        """Keep a stage's cost under its log's path in the work directory (evaluations: under their setting's
+        directory)."""
+        self.costs[str(log.relative_to(self.c.work).with_suffix(""))] = asdict(cost)
+        self.costs_file.write_text(json.dumps(self.costs, indent=1))
+
     def _stage(self, key: str, out: Path, cmd: list) -> Cost:
         if not out.exists():
             print(f"[bench] {key}", file=sys.stderr, flush=True)
-            _, cost = _run(cmd, self.c.work / f"{key}.log")
-            self.costs[key] = asdict(cost)
-            self.costs_file.write_text(json.dumps(self.costs, indent=1))
+            log = self.c.work / f"{key}.log"
+            self._record(log, _run(cmd, log)[1])
         return Cost(**self.costs[key]) if key in self.costs else Cost(0.0, 0)
 
     def _mc2gguf(self, *args) -> list:
@@ -191,7 +198,7 @@ class Bench:
         calib = [a for path in self.c.calib for a in ("--calib", path)]
         self._stage(f"pmq-{bpw:.2f}-{layout}", out, self._mc2gguf(
             "convert", self.c.model, out, "--bpw", bpw, "--layout", layout, *calib, "--nsamples", self.c.nsamples,
-            "--seqlen", self.c.seqlen, "--seed", self.c.seed, "--work-dir", self.c.work / "pmq-work"))  # measured once
+            "--seqlen", self.c.seqlen, "--eps-tokens", self.c.eps_tokens, "--seed", self.c.seed, "--work-dir", self.c.work / "pmq-work"))  # measured once
         return out
 
     def scaled_mu(self, path: Path, scale: float) -> Path:
@@ -212,8 +219,8 @@ class Bench:
         base = self.eval_dir / "f16.kld"
         log = self.eval_dir / "ppl-f16.log"
         if not base.exists() or not log.exists():
-            _run([self.bin / "llama-perplexity", "-m", self.f16(), *self._perplexity_args(),
-                  "--kl-divergence-base", base], log)
+            self._record(log, _run([self.bin / "llama-perplexity", "-m", self.f16(), *self._perplexity_args(),
+                                    "--kl-divergence-base", base], log)[1])
         ppl, err = _parse_float_pair(log.read_text(errors="replace"), r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)")
         return base, ppl, err
 
@@ -223,8 +230,8 @@ class Bench:
         log = self.eval_dir / f"ppl-{tag}.log"
         if not log.exists() or "Same top p" not in log.read_text(errors="replace"):
             switch = [] if prune is None else ["--moe-prune", "on" if prune else "off"]
-            _run([self.bin / "llama-perplexity", "-m", row.file, *self._perplexity_args(),
-                  "--kl-divergence-base", base, "--kl-divergence", *switch], log)
+            self._record(log, _run([self.bin / "llama-perplexity", "-m", row.file, *self._perplexity_args(),
+                                    "--kl-divergence-base", base, "--kl-divergence", *switch], log)[1])
         text = log.read_text(errors="replace")
         row.ppl, row.ppl_err = _parse_float_pair(text, r"Mean PPL\(Q\)\s*:\s*([\d.]+)\s*±\s*([\d.]+)")
         row.kld = _parse_float_pair(text, r"Mean\s+KLD:\s*([-\d.]+)\s*±\s*([\d.]+)")[0]
@@ -237,12 +244,10 @@ class Bench:
     def speed(self, files: list[Path], prune_sweep: bool) -> list[dict]:
         log = self.c.work / f"bench-{'odp' if prune_sweep else 'plain'}.json"
         if not log.exists() or not log.read_text().strip().endswith("]"):
+            print(f"[bench] llama-bench {log.stem}", file=sys.stderr, flush=True)
             cmd = [self.bin / "llama-bench", "-m", ",".join(str(f) for f in files), "-t", self.c.threads,
                    "-p", 512, "-n", 128, "-r", 3, "-o", "json", *(["--moe-prune", "0,1"] if prune_sweep else [])]
-            proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace")
-            if proc.returncode != 0:
-                raise Mc2ggufError(f"llama-bench failed:\n{proc.stderr[-2000:]}")
-            log.write_text(proc.stdout)
+            self._record(log, _run(cmd, log.with_suffix(".log"), stdout=log)[1])
         return [{"file": Path(r["model_filename"]).name, "test": f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}",
                  "moe_prune": r["moe_prune"] if prune_sweep else None, "moe_pruned": r["moe_pruned"],
                  "tokens_per_second": r["avg_ts"], "stddev": r["stddev_ts"]} for r in json.loads(log.read_text())]
@@ -255,6 +260,7 @@ class Bench:
         return Row(method, name, str(path), summary.size, summary.bits_per_weight(summary.expert_tensors), cost=cost)
 
     def run(self) -> dict:
+        started = time.monotonic()
         f16 = self.f16()
         n_layers = max(int(m[1]) for t in summarize(f16).expert_tensors if (m := re.match(r"blk\.(\d+)\.", t.name))) + 1
         _, f16_ppl, f16_err = self.kld_base()
@@ -283,13 +289,16 @@ class Bench:
                         rows.append(self.evaluate(row, True))
         speed = []
         if self.c.speed:
-            others = [f16] + [Path(r.file) for r in rows if r.method.startswith("llama.cpp")]
+            others = [f16] + _best_llama_files(rows)
             speed = self.speed(others, prune_sweep=False) + (self.speed(pmq_files, prune_sweep=True) if pmq_files else [])
         results = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _git_commit(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.c).items()},
             "rows": [asdict(r) for r in rows], "speed": speed,
+            "seconds": {"stages": sum(c["seconds"] for k, c in self.costs.items()
+                                      if not k.startswith("eval-") or k.startswith(f"{self.eval_dir.name}/")),
+                        "this_run": time.monotonic() - started},
         }
         (self.c.work / "results.json").write_text(json.dumps(results, indent=1, default=str))
         (self.c.work / "results.md").write_text(render_markdown(results))
@@ -302,6 +311,18 @@ def _parse_float_pair(text: str, pattern: str) -> tuple[float, float]:
     if not found:
         raise Mc2ggufError(f"llama-perplexity's output has no line matching {pattern!r}")
     return float(found[-1][0]), float(found[-1][1])
+
+
+def _best_llama_files(rows: list[Row]) -> list[Path]:
+    """For each mc2gguf file, the llama.cpp file of lowest KLD among those within 5 % of its size (llama-bench
+    compares speed at equal size; the single-type files outside every mc2gguf size are not timed)."""
+    best = []
+    for pmq in (r for r in rows if r.method == "mc2gguf" and not r.odp):
+        near = [r for r in rows if r.method.startswith("llama.cpp") and abs(r.size - pmq.size) <= 0.05 * pmq.size]
+        if near:
+            path = Path(min(near, key=lambda r: r.kld).file)
+            best += [] if path in best else [path]
+    return best
 
 
 def _git_commit() -> str:
@@ -340,6 +361,10 @@ def render_markdown(results: dict) -> str:
             odp = "" if s["moe_prune"] is None else "on" if s["moe_prune"] else "off"
             lines.append(f"| {s['file']} | {s['test']} | {odp} | "
                          f"{100 * s['moe_pruned']:.1f} % | {s['tokens_per_second']:.2f} ± {s['stddev']:.2f} |")
+    if "seconds" in results:
+        lines += ["", f"Time on this machine: {results['seconds']['stages'] / 60:.1f} min summed over every stage of "
+                      f"the results (files, evaluations, llama-bench; each stage's cost is kept when a run resumes); "
+                      f"this invocation {results['seconds']['this_run'] / 60:.1f} min."]
     costs = {(r["name"], k): v for r in rows for k, v in r["cost"].items()}
     if costs:
         lines += ["", "| stage | for | wall time (s) | peak RSS (MiB) |", "|---|---|---:|---:|"]

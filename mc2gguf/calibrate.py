@@ -33,6 +33,15 @@ class ExpertCalibration:
     sample_x: torch.Tensor  # [n, H] routed inputs, a seeded subset
     sample_w: torch.Tensor  # [n] their routing weights
 
+    def per_projection(self, make):
+        """``{projection: make(hessian)}`` with one ``make`` per distinct Hessian: gate and up share theirs, so
+        a quantizer that factors its Hessian does it once for both."""
+        made = {}
+        for h in self.hessians.values():
+            if id(h) not in made:
+                made[id(h)] = make(h)
+        return {p: made[id(h)] for p, h in self.hessians.items()}
+
 
 @dataclass
 class LayerCalibration:

@@ -83,7 +83,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         eval_text=Path(args.eval) if args.eval else DEFAULT_WIKITEXT, ctx=args.ctx, chunks=args.chunks,
         threads=args.threads, seed=args.seed, llama_types=tuple(t for t in args.llama_types.split(",") if t) if args.llama_types is not None else LLAMA_TYPES,
         bpws=tuple(float(b) for b in args.bpw.split(",") if b), layouts=tuple(l for l in args.layouts.split(",") if l),
-        nsamples=args.nsamples, seqlen=args.seqlen, speed=not args.no_speed,
+        nsamples=args.nsamples, seqlen=args.seqlen, eps_tokens=args.eps_tokens, speed=not args.no_speed,
     )
     Bench(config).run()
     print((config.work / "results.md").read_text())
@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: Q2_K,Q2_K_S,IQ2_XXS,IQ2_XS,IQ2_S,IQ1_M,Q3_K_S)")
     p.add_argument("--bpw", default="2.0,2.5,3.0", help="experts' bits per weight of the mc2gguf rows and layer mixes")
     p.add_argument("--layouts", default="mixed,stock", help="layouts of the mc2gguf rows (empty: no mc2gguf rows)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (PMQ and imatrix)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (PMQ and imatrix; default 64)")
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eps-tokens", type=int, default=1024, help="routed tokens per expert on which PMQ measures "
+                   "eps (default 1024; convert's default is 4096)")
     p.add_argument("--no-speed", action="store_true", help="skip llama-bench")
     p.add_argument("--readme", help="write the results into this README's results section")
     p.set_defaults(func=_cmd_bench)

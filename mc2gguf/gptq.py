@@ -88,35 +88,60 @@ def gptq_quantize(
     The arithmetic runs on ``device`` (default: the weights' device); ggml's quantizer and the packing on the
     CPU. ``GPTQResult.weights`` is returned on the CPU.
     """
-    weights = torch.as_tensor(weights).detach()
-    device = torch.device(device) if device is not None else weights.device
-    w = weights.to(device, torch.float32, copy=True)
-    rows, cols = w.shape
-    if qtype.packer is Packer.FLOAT:
-        data = quantize(w.cpu(), qtype)
-        return GPTQResult(data, dequantize(data, qtype, cols), qtype, 0.0)
-    if not qtype.fits(cols):
-        raise Mc2ggufError(f"{qtype.name} needs rows that are a multiple of {qtype.block_size}, got {cols}")
-    h = torch.as_tensor(hessian).detach().to(device, torch.float64, copy=True)
-    if h.shape != (cols, cols):
-        raise ValueError(f"the Hessian must be [{cols}, {cols}], got {list(h.shape)}")
-    if not torch.isfinite(h).all() or not torch.isfinite(w).all():
-        raise Mc2ggufError("GPTQ needs finite weights and a finite Hessian")
-    importance, dead = _importance(h.diagonal())
-    h.diagonal()[dead] = importance[~dead].double().mean() if (~dead).any() else 1.0
-    qb = qtype.block_size
-    perm = torch.arange(cols, device=device)
-    if act_order and qtype.packer is Packer.GRID:
-        perm = torch.argsort(importance, descending=True, stable=True)
-    elif act_order:  # whole blocks, in order of decreasing importance
-        order = torch.argsort(importance.reshape(-1, qb).sum(1), descending=True, stable=True)
-        perm = (order[:, None] * qb + torch.arange(qb, device=device)).reshape(-1)
-    if act_order:  # in the natural order H is used as it is, not through a permuted copy
-        h = h[perm][:, perm]
-    u, damp = _inverse_cholesky(h, damp)
-    run = _gptq_grid if qtype.packer is Packer.GRID else _gptq_codebook
-    data, q = run(w, u, perm, importance, qtype, act_order, block_size)
-    return GPTQResult(data, q, qtype, damp)
+    device = torch.device(device) if device is not None else torch.as_tensor(weights).device
+    return GPTQ(hessian, damp, act_order, block_size, device).quantize(weights, qtype)
+
+
+class GPTQ:
+    """GPTQ for one Hessian, any number of weight matrices and types: the inverse Cholesky factor (the costly
+    part of the preparation) is computed once per column order, and every type without ``act_order`` shares
+    the natural one. ``gptq_quantize`` is this for a single call."""
+
+    def __init__(self, hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        h = torch.as_tensor(hessian).detach().to(self.device, torch.float64, copy=True)
+        if h.ndim != 2 or h.shape[0] != h.shape[1]:
+            raise ValueError(f"the Hessian must be square, got {list(h.shape)}")
+        if not torch.isfinite(h).all():
+            raise Mc2ggufError("GPTQ needs finite weights and a finite Hessian")
+        self.importance, dead = _importance(h.diagonal())
+        h.diagonal()[dead] = self.importance[~dead].double().mean() if (~dead).any() else 1.0
+        self.hessian, self.damp, self.act_order, self.block_size = h, damp, act_order, block_size
+        self._factors: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def _factor(self, qtype: QuantType) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(column order, upper Cholesky factor of the inverse Hessian in that order, dampening used)."""
+        cols, qb = self.hessian.shape[0], qtype.block_size
+        key = (qtype.packer is Packer.GRID, qb) if self.act_order else ()
+        if key not in self._factors:
+            perm = torch.arange(cols, device=self.device)
+            if self.act_order and qtype.packer is Packer.GRID:
+                perm = torch.argsort(self.importance, descending=True, stable=True)
+            elif self.act_order:  # whole blocks, in order of decreasing importance
+                order = torch.argsort(self.importance.reshape(-1, qb).sum(1), descending=True, stable=True)
+                perm = (order[:, None] * qb + torch.arange(qb, device=self.device)).reshape(-1)
+            # in the natural order H is used as it is, not through a permuted copy
+            h = self.hessian[perm][:, perm] if self.act_order else self.hessian
+            self._factors[key] = (perm, *_inverse_cholesky(h, self.damp))
+        return self._factors[key]
+
+    def quantize(self, weights: torch.Tensor, qtype: QuantType) -> GPTQResult:
+        w = torch.as_tensor(weights).detach().to(self.device, torch.float32, copy=True)
+        rows, cols = w.shape
+        if qtype.packer is Packer.FLOAT:
+            data = quantize(w.cpu(), qtype)
+            return GPTQResult(data, dequantize(data, qtype, cols), qtype, 0.0)
+        if not qtype.fits(cols):
+            raise Mc2ggufError(f"{qtype.name} needs rows that are a multiple of {qtype.block_size}, got {cols}")
+        if self.hessian.shape != (cols, cols):
+            raise ValueError(f"the Hessian must be [{cols}, {cols}], got {list(self.hessian.shape)}")
+        if not torch.isfinite(w).all():
+            raise Mc2ggufError("GPTQ needs finite weights and a finite Hessian")
+        perm, u, damp = self._factor(qtype)
+        run = _gptq_grid if qtype.packer is Packer.GRID else _gptq_codebook
+        data, q = run(w, u, perm, self.importance, qtype, self.act_order, self.block_size)
+        return GPTQResult(data, q, qtype, damp)
 
 
 def _importance(diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +224,7 @@ def _cpu(s: BlockScales) -> BlockScales:
 
 
 def _gptq_codebook(w, u, perm, importance, qtype, act_order, block_size):
-    from gguf.quants import dequantize as gguf_dequantize
-
-    from .quant.ggml_lib import ggml_quantize
+    from .quant.ggml_lib import ggml_dequantize, ggml_quantize
 
     rows, cols = w.shape
     qb = qtype.block_size
@@ -212,7 +235,7 @@ def _gptq_codebook(w, u, perm, importance, qtype, act_order, block_size):
         i2, start = i1 + qb, int(perm[i1])  # start: the block's first column in the original order
         data = ggml_quantize(w[:, i1:i2].cpu().numpy(), qtype, importance[start : start + qb].cpu().numpy())
         blocks[start] = data
-        q[:, i1:i2] = torch.from_numpy(gguf_dequantize(data, qtype.ggml_type)).reshape(rows, qb).to(w.device)
+        q[:, i1:i2] = torch.from_numpy(ggml_dequantize(data, qtype, qb)).to(w.device)
         err = torch.linalg.solve_triangular(u[i1:i2, i1:i2], w[:, i1:i2] - q[:, i1:i2], upper=True, left=False)
         w[:, i2:] -= err @ u[i1:i2, i2:]
     data = np.concatenate([blocks[s] for s in range(0, cols, qb)], axis=1)

@@ -38,7 +38,7 @@ from .checkpoint import Checkpoint
 from .convert import encode_tensor, model_metadata
 from .errors import Mc2ggufError
 from .gguf_out import KeyValue, TensorPayload, atomic_output, expected_file_size, write_gguf
-from .gptq import gptq_quantize
+from .gptq import GPTQ
 from .qtypes import DEFAULT_PALETTE, QuantType, quant_type
 from .sensitivity import measure_eps, quantizer, unit_projections
 from .workdir import WorkDir
@@ -218,9 +218,9 @@ def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_
                         layer.replace(name, value)
             h_full, calibration = calibrate_layer(adapter, layer, h, 0, opts.seed)
             for e, expert in enumerate(layer.experts):
+                gptq = calibration.experts[e].per_projection(lambda h: GPTQ(h, opts.damp, opts.act_order).quantize)
                 for p in PROJECTIONS:
-                    result = gptq_quantize(expert.get(p), calibration.experts[e].hessians[p], types[i, e, p],
-                                           damp=opts.damp, act_order=opts.act_order)
+                    result = gptq[p](expert.get(p), types[i, e, p])
                     record["experts"][e, p] = result.data
                     if opts.sequential:
                         setattr(expert, p, result.weights)

@@ -21,16 +21,17 @@ import torch
 
 from .archs import PROJECTIONS, ArchAdapter, ExpertWeights, LayerWeights
 from .calibrate import LayerCalibration
-from .gptq import gptq_quantize, rtn_quantize
+from .gptq import GPTQ, rtn_quantize
 from .qtypes import QuantType
 
 
 def quantizer(method: str, damp: float = 0.01, act_order: bool = False):
-    """``(weights, hessian, type) -> GPTQResult``: the packed bytes and the values they hold."""
+    """``hessian -> ((weights, type) -> GPTQResult)``: the packed bytes and the values they hold. One Hessian's
+    quantizer serves all of its matrices and types (GPTQ factors the Hessian once)."""
     if method == "gptq":
-        return lambda w, h, t: gptq_quantize(w, h, t, damp=damp, act_order=act_order)
+        return lambda h: GPTQ(h, damp, act_order).quantize
     if method == "rtn":
-        return rtn_quantize
+        return lambda h: lambda w, t: rtn_quantize(w, h, t)
     raise ValueError(f"unknown quantizer {method!r}")
 
 
@@ -52,7 +53,8 @@ def measure_eps(
     quantize,
     candidates: dict[tuple[int, str, str], np.ndarray] | None = None,
 ) -> dict[tuple[int, tuple[str, ...]], dict[str, float]]:
-    """``{(expert, projections): {type name: eps}}`` for every expert and unit of one layer.
+    """``{(expert, projections): {type name: eps}}`` for every expert and unit of one layer; ``quantize`` is a
+    ``quantizer(...)``.
 
     ``candidates``, when given, receives the packed bytes of every quantization, ``{(expert, projection, type
     name): bytes}``: where they are what the writer would produce, quantization reuses them."""
@@ -62,10 +64,11 @@ def measure_eps(
         x, w = cal.sample_x, cal.sample_w
         reference = adapter.expert_activation(expert, x) @ expert.down.T
         norm = float(torch.sqrt((w**2).sum()).clamp_min(1e-30))
+        quantizers = cal.per_projection(quantize)
         for qtype in palette:
             if not all(qtype.fits(expert.get(p).shape[1]) for p in PROJECTIONS):
                 continue
-            results = {p: quantize(expert.get(p), cal.hessians[p], qtype) for p in PROJECTIONS}
+            results = {p: quantizers[p](expert.get(p), qtype) for p in PROJECTIONS}
             quantized = {p: r.weights for p, r in results.items()}
             if candidates is not None:
                 candidates.update({(e, p, qtype.name): r.data for p, r in results.items()})
