@@ -151,6 +151,23 @@ def test_codebook_quantizes(name, ggml):
     assert np.isfinite(rel) and rel < 0.5, f"{name}: relative weighted error {rel:.3f}"
 
 
+@pytest.mark.parametrize("name", CODEBOOK_TYPES + ["Q4_K", "Q8_0"])
+def test_ggml_threads_and_dequantizer(name, ggml):
+    """ggml's quantizer writes the same bytes in row chunks on any number of threads (more threads than rows
+    too), and ggml's C dequantizer reads them as gguf-py does."""
+    from mc2gguf.quant.ggml_lib import ggml_dequantize
+
+    qtype = QUANT_TYPES[name]
+    w, imp = _weights("t3", seed=6).numpy() * 0.02, _importance("random").numpy()
+    one = ggml(w, qtype, imp, threads=1)
+    for threads in (2, 3, ROWS + 5):
+        np.testing.assert_array_equal(ggml(w, qtype, imp, threads=threads), one)
+    for threads in (1, 3):
+        np.testing.assert_array_equal(ggml_dequantize(one, qtype, COLS, threads=threads), _deq_gguf(one, qtype, ROWS))
+    with pytest.raises(ValueError, match="bytes"):
+        ggml_dequantize(one[:, :-1], qtype, COLS)
+
+
 # --- ternary types ---------------------------------------------------------------------------------------
 
 
