@@ -166,8 +166,9 @@ def test_resume_after_kill_is_byte_identical(tiny_mixtral, tmp_path):
 
 
 def test_measurements_serve_other_budgets(tiny_mixtral, tmp_path, monkeypatch):
-    """A --work-dir keeps the measurements (and the eps stage's GPTQ bytes): a second budget from it measures
-    nothing again, and its file is byte-identical to a conversion that measured and quantized from scratch."""
+    """A --work-dir keeps the measurements (and the eps stage's GPTQ bytes, and the non-expert tensors' bytes): a
+    second budget from it measures and quantizes nothing again, and its file is byte-identical to a conversion
+    that measured and quantized from scratch."""
     import mc2gguf.pmq
 
     work = tmp_path / "work"
@@ -175,6 +176,8 @@ def test_measurements_serve_other_budgets(tiny_mixtral, tmp_path, monkeypatch):
     assert _convert(tiny_mixtral, tmp_path / "a.gguf", "--bpw", "4", *fast, "--work-dir", str(work)) == 0
     records = sorted((work / "measure").glob("*.pt"))
     assert [p.name for p in records] == ["candidates-000.pt", "candidates-001.pt", "layer-000.pt", "layer-001.pt"]
+    records += sorted((work / "tensors").glob("*.pt"))  # the non-expert tensors' bytes, for every budget
+    assert any(p.name.startswith("blk.0.attn_q.weight") for p in records)
     measured = {p: p.stat().st_mtime_ns for p in records}
     assert _convert(tiny_mixtral, tmp_path / "b.gguf", "--bpw", "5", *fast, "--work-dir", str(work)) == 0
     assert {p: p.stat().st_mtime_ns for p in records} == measured
