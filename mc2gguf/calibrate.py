@@ -33,14 +33,30 @@ class ExpertCalibration:
     sample_x: torch.Tensor  # [n, H] routed inputs, a seeded subset
     sample_w: torch.Tensor  # [n] their routing weights
 
-    def per_projection(self, make):
-        """``{projection: make(hessian)}`` with one ``make`` per distinct Hessian: gate and up share theirs, so
-        a quantizer that factors its Hessian does it once for both."""
+    def quantizer(self, make):
+        """``(weights, types) -> {projection: result}`` for ``{projection: matrix}`` and ``{projection: type}``,
+        with one ``make(hessian)`` (a ``(matrix, type) -> GPTQResult``) per distinct Hessian. Projections that
+        share their Hessian (gate and up) and their type are quantized as one matrix, their rows stacked: GPTQ
+        treats rows independently, and a quantizer's cost is mostly per column, not per row."""
         made = {}
         for h in self.hessians.values():
             if id(h) not in made:
                 made[id(h)] = make(h)
-        return {p: made[id(h)] for p, h in self.hessians.items()}
+
+        def quantize(weights: dict[str, torch.Tensor], types: dict) -> dict:
+            stacks: dict[tuple, list[str]] = {}
+            for p, h in self.hessians.items():
+                stacks.setdefault((id(h), types[p].name), []).append(p)
+            results = {}
+            for (key, _), projections in stacks.items():
+                stacked = made[key](torch.cat([weights[p] for p in projections]), types[projections[0]])
+                start = 0
+                for p in projections:
+                    results[p] = stacked.rows(start, start + weights[p].shape[0])
+                    start += weights[p].shape[0]
+            return results
+
+        return quantize
 
 
 @dataclass

@@ -4,7 +4,7 @@ By default: the real-weights reference MoE (``mc2gguf build-reference``, SmolLM2
 Mixtral; built once and cached), compressed by PMQ to 2.5 bits per expert weight with each expert in its own
 type, then run by the patched llama.cpp with ODP pruning on, printing its text and the measured share of
 pruned expert slots. Calibration and the candidate types are cut to a demo's size so it takes minutes;
-``mc2gguf convert`` defaults to the paper's full calibration and a palette of nine types.
+``mc2gguf convert`` defaults to the paper's full calibration and a palette of seven types.
 
 ``--tiny`` instead converts a small seeded random Mixtral to one type: seconds, but random text.
 """
@@ -24,9 +24,9 @@ from .reference_moe import DEFAULT_CALIB, build_reference_moe
 from .testmodel import build_tiny_mixtral, default_tokenizer
 
 # A demo's measurement: 32 windows of 512 tokens and four candidate types. Its time goes to quantizing every
-# expert to every candidate (0.1-0.5 s per matrix and type), so the default palette of nine types (and the
+# expert to every candidate (0.1-0.5 s per matrix and type), so the default palette of seven types (and the
 # default 128 x 2048 tokens) takes about half an hour on 2 cores for this model.
-DEMO_PMQ_OPTIONS = ("--nsamples", "32", "--seqlen", "512", "--palette", "IQ2_XXS,IQ2_S,IQ3_S,Q4_K")
+DEMO_PMQ_OPTIONS = ("--nsamples", "32", "--seqlen", "512", "--palette", "IQ2_XXS,Q2_K,Q3_K,Q4_K")
 
 
 def run_demo(workdir: Path, prompt: str, bpw: float) -> None:

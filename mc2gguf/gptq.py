@@ -12,8 +12,8 @@ What a GGUF type adds:
 * Scalar-grid types (``Packer.GRID``): a ggml block (32 or 256 consecutive columns) shares its scales. When
   GPTQ reaches the first column of a block it chooses the block's scales on the current, error-updated
   weights (``GridFormat.choose_scales``, importance = the Hessian diagonal), then rounds the block column by
-  column onto that grid (``round_to_grid``). Batches are a multiple of the ggml block, so a block never
-  straddles two batches. The codes and scales are packed with the format's own ``pack``: the bytes written
+  column onto that grid (as ``round_to_grid`` rounds, from ``GridFormat.column_grid``). Batches are a
+  multiple of the ggml block, so a block never straddles two batches. The codes and scales are packed with the format's own ``pack``: the bytes written
   are exactly the values optimised.
 * ``act_order`` (columns in order of decreasing Hessian diagonal) would reach a block's columns scattered
   over the whole pass, so its scales cannot be chosen "when the block starts": every block's scales are
@@ -60,6 +60,10 @@ class GPTQResult:
     weights: torch.Tensor  # [rows, cols] float32: exactly the values ``data`` holds
     qtype: QuantType
     damp: float  # the relative dampening actually used (raised above the one asked for if H was not PD)
+
+    def rows(self, start: int, stop: int) -> GPTQResult:
+        """The result for rows ``start:stop`` of the matrix (quantization treats rows independently)."""
+        return GPTQResult(self.data[start:stop], self.weights[start:stop], self.qtype, self.damp)
 
 
 def output_error(weights: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -197,26 +201,29 @@ def _gptq_grid(w, u, perm, importance, qtype, act_order, block_size):
         scales = [choose(w[:, s : s + qb], s) for s in range(0, cols, qb)]
     else:  # batches hold whole ggml blocks
         block_size = max(qb, -(-block_size // qb) * qb)
-    w = w[:, perm]
-    codes = torch.zeros_like(w)  # in the original column order
-    q = torch.zeros_like(w)  # in the processing order
+    grids = [None if s is None else fmt.column_grid(s) for s in scales]
+    # Transposed, [cols, rows]: the loop below runs once per column, and a column is then contiguous.
+    wt = w[:, perm].T.contiguous()
+    codes = torch.zeros_like(wt)  # in the original column order
+    q = torch.zeros_like(wt)  # in the processing order
     order = perm.tolist()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), u[i1:i2, i1:i2]
+        w1, err1, u1 = wt[i1:i2].clone(), torch.zeros_like(wt[i1:i2]), u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             b, k = divmod(order[i1 + i], qb)
-            if not act_order and k == 0:
-                scales[b] = choose(w1[:, i : i + qb], i1 + i)
-            c = fmt.round_to_grid(w1[:, i : i + 1], scales[b], k)
-            codes[:, order[i1 + i]] = c[:, 0]
-            q[:, i1 + i] = fmt.dequantize_codes(c, scales[b], k)[:, 0]
-            err1[:, i] = (w1[:, i] - q[:, i1 + i]) / u1[i, i]
-            w1[:, i:] -= err1[:, i : i + 1] * u1[i : i + 1, i:]
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    codes = codes.cpu()
+            if grids[b] is None:  # the block's first column, in the natural order
+                scales[b] = choose(w1[i : i + qb].T, i1 + i)
+                grids[b] = fmt.column_grid(scales[b])
+            scale, bias, inverse = (g[k] for g in grids[b])
+            c = torch.sub(w1[i], bias, out=codes[order[i1 + i]]).mul_(inverse).round_().clamp_(fmt.qmin, fmt.qmax)
+            torch.mul(c, scale, out=q[i1 + i]).add_(bias)
+            torch.sub(w1[i], q[i1 + i], out=err1[i]).div_(u1[i, i])
+            w1[i + 1 :].addr_(u1[i, i + 1 :], err1[i], alpha=-1)
+        wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)
+    codes = codes.T.cpu()
     data = torch.cat([fmt.pack(codes[:, s : s + qb], _cpu(scales[s // qb])) for s in range(0, cols, qb)], dim=1)
-    return data.numpy(), q[:, torch.argsort(perm)].cpu()
+    return data.numpy(), q[torch.argsort(perm)].T.contiguous().cpu()
 
 
 def _cpu(s: BlockScales) -> BlockScales:

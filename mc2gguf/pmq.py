@@ -144,6 +144,10 @@ def _keeps_candidates(adapter: ArchAdapter, opts: PMQOptions, palette: list[Quan
     return per_expert * adapter.moe.n_experts * adapter.moe.n_layers < shutil.disk_usage(work.path).free // 2
 
 
+def _candidates_record(layer: int, qtype: QuantType) -> str:
+    return f"candidates-{layer:03d}-{qtype.name}"
+
+
 def measure(adapter: ArchAdapter, cal: CalibrationSet, opts: PMQOptions, work: WorkDir) -> list[dict]:
     palette = [quant_type(t) for t in opts.palette]
     units = unit_projections(opts.granularity, opts.tie_gate_up)
@@ -157,7 +161,9 @@ def measure(adapter: ArchAdapter, cal: CalibrationSet, opts: PMQOptions, work: W
             h, calibration = calibrate_layer(adapter, layer, h, opts.eps_tokens, opts.seed)
             eps = measure_eps(adapter, layer, calibration, units, palette, quantize, candidates)
         if keep:  # before the layer's record, which marks the layer done
-            work.save("measure", f"candidates-{i:03d}", candidates)
+            for t in palette:  # one record per type: a file reads back only the types it chose
+                work.save("measure", _candidates_record(i, t), {(e, p): data for (e, p, name), data
+                                                                in candidates.items() if name == t.name})
         if calibration.unused_experts:
             print(f"note: layer {i}: no calibration token selects expert(s) {calibration.unused_experts}; "
                   "they are measured on all of the layer's tokens", file=sys.stderr)
@@ -205,12 +211,13 @@ def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_
     other matrices too. The bytes go to the work directory, one record per layer (the GGUF writer reads them
     back one layer at a time)."""
     n = adapter.moe.n_layers
-    if not opts.sequential and all(measured.has("measure", f"candidates-{i:03d}") for i in range(n)):
+    records = {(i, t): _candidates_record(i, t) for (i, _, _), t in types.items()}
+    if not opts.sequential and all(measured.has("measure", r) for r in records.values()):
         for i in tqdm(range(n), unit="layer", desc="quantize (from the eps stage)", file=sys.stderr):
             if work.has("layers", f"layer-{i:03d}"):
                 continue
-            candidates = measured.load("measure", f"candidates-{i:03d}")
-            experts = {(e, p): candidates[e, p, types[i, e, p].name]
+            candidates = {t: measured.load("measure", r) for (layer, t), r in records.items() if layer == i}
+            experts = {(e, p): candidates[types[i, e, p]][e, p]
                        for e in range(adapter.moe.n_experts) for p in PROJECTIONS}
             work.save("layers", f"layer-{i:03d}",
                       {"attention": {plan.spec.name: encoded_non_expert(plan, measured)
@@ -232,9 +239,9 @@ def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_
                         layer.replace(name, value)
             h_full, calibration = calibrate_layer(adapter, layer, h, 0, opts.seed)
             for e, expert in enumerate(layer.experts):
-                gptq = calibration.experts[e].per_projection(lambda h: GPTQ(h, opts.damp, opts.act_order).quantize)
-                for p in PROJECTIONS:
-                    result = gptq[p](expert.get(p), types[i, e, p])
+                gptq = calibration.experts[e].quantizer(lambda h: GPTQ(h, opts.damp, opts.act_order).quantize)
+                results = gptq({p: expert.get(p) for p in PROJECTIONS}, {p: types[i, e, p] for p in PROJECTIONS})
+                for p, result in results.items():
                     record["experts"][e, p] = result.data
                     if opts.sequential:
                         setattr(expert, p, result.weights)

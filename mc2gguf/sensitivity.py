@@ -64,11 +64,12 @@ def measure_eps(
         x, w = cal.sample_x, cal.sample_w
         reference = adapter.expert_activation(expert, x) @ expert.down.T
         norm = float(torch.sqrt((w**2).sum()).clamp_min(1e-30))
-        quantizers = cal.per_projection(quantize)
+        quantize_expert = cal.quantizer(quantize)
+        weights = {p: expert.get(p) for p in PROJECTIONS}
         for qtype in palette:
-            if not all(qtype.fits(expert.get(p).shape[1]) for p in PROJECTIONS):
+            if not all(qtype.fits(m.shape[1]) for m in weights.values()):
                 continue
-            results = {p: quantizers[p](expert.get(p), qtype) for p in PROJECTIONS}
+            results = quantize_expert(weights, dict.fromkeys(PROJECTIONS, qtype))
             quantized = {p: r.weights for p, r in results.items()}
             if candidates is not None:
                 candidates.update({(e, p, qtype.name): r.data for p, r in results.items()})

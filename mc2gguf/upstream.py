@@ -7,6 +7,9 @@ in a subprocess (with the gguf-py it ships) and copies every key/value it wrote.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from .errors import Mc2ggufError
 from .gguf_out import KeyValue, read_metadata
-from .llama_build import llama_source
+from .llama_build import cache_root, llama_source
 
 
 def upstream_converter() -> Path:
@@ -32,12 +35,29 @@ def upstream_metadata(model_dir: Path) -> list[KeyValue]:
 
 
 @functools.lru_cache(maxsize=8)
-def _upstream_metadata(model_dir: Path, _files: tuple) -> tuple[KeyValue, ...]:
+def _upstream_metadata(model_dir: Path, files: tuple) -> tuple[KeyValue, ...]:
+    # Kept on disk too, keyed like the in-process cache and on the converter (its path names the pinned
+    # llama.cpp and patches): the subprocess and reading its vocabulary back take 10-15 s, every conversion.
+    converter = upstream_converter()
+    key = hashlib.sha256(repr((str(model_dir), files, str(converter))).encode()).hexdigest()[:20]
+    cached = cache_root() / "upstream-metadata" / f"{key}.pickle"
+    try:
+        return pickle.loads(cached.read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        pass  # not there yet, or unreadable: made again
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vocab.gguf"
-        cmd = [sys.executable, str(upstream_converter()), str(model_dir), "--vocab-only", "--outfile", str(out)]
+        cmd = [sys.executable, str(converter), str(model_dir), "--vocab-only", "--outfile", str(out)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = "\n".join(proc.stdout.splitlines()[-15:])
             raise Mc2ggufError(f"llama.cpp's converter could not read the metadata/vocabulary of {model_dir}:\n{tail}")
-        return tuple(read_metadata(out))
+        metadata = tuple(read_metadata(out))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        partial.write_bytes(pickle.dumps(metadata))
+        os.replace(partial, cached)
+    except OSError:
+        pass  # a cache that cannot be written only costs the next conversion the subprocess
+    return metadata

@@ -41,7 +41,8 @@ def test_rows_and_numbers(bench_run):
         assert r["kld"] >= 0 and 0 <= r["same_top"] <= 100
     assert rows[("f16", False)]["expert_bpw"] == 16.0
     pmq = rows[("PMQ 2.50 mixed", False)]
-    assert pmq["expert_bpw"] == pytest.approx(2.5, abs=0.01)
+    # the budget is an upper bound, filled as closely as the palette's sizes allow on the tiny model's 8 experts
+    assert 0.99 * 2.5 <= pmq["expert_bpw"] <= 2.5
     assert pmq["skip_ratio"] is None and 0 < rows[("PMQ 2.50 mixed", True)]["skip_ratio"] < 1
     assert rows[("PMQ 2.50 mixed", True)]["ppl"] != pmq["ppl"]
     # the ODP sweep: the same file with mu scaled (at most 1) prunes more as mu grows

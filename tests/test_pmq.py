@@ -175,7 +175,8 @@ def test_measurements_serve_other_budgets(tiny_mixtral, tmp_path, monkeypatch):
     fast = ["--palette", "Q3_K,Q4_K,Q6_K", "--eps-tokens", "64"]
     assert _convert(tiny_mixtral, tmp_path / "a.gguf", "--bpw", "4", *fast, "--work-dir", str(work)) == 0
     records = sorted((work / "measure").glob("*.pt"))
-    assert [p.name for p in records] == ["candidates-000.pt", "candidates-001.pt", "layer-000.pt", "layer-001.pt"]
+    assert [p.name for p in records] == [f"candidates-{i:03d}-{t}.pt" for i in range(2) for t in ("Q3_K", "Q4_K", "Q6_K")] \
+        + ["layer-000.pt", "layer-001.pt"]
     records += sorted((work / "tensors").glob("*.pt"))  # the non-expert tensors' bytes, for every budget
     assert any(p.name.startswith("blk.0.attn_q.weight") for p in records)
     measured = {p: p.stat().st_mtime_ns for p in records}

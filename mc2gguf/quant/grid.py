@@ -71,6 +71,13 @@ class GridFormat(ABC):
         scale, bias = scales.scale.index_select(1, sub), scales.bias.index_select(1, sub)
         return round_codes(values, scale, bias, self.qmin, self.qmax)
 
+    def column_grid(self, scales: BlockScales) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each column's scale, bias and ``safe_inverse`` of the scale, ``[block_size, rows]`` each: what
+        ``round_to_grid`` and ``dequantize_codes`` use, gathered once for GPTQ, which rounds a column at a time
+        (``round_codes`` of column ``k`` is ``clamp(round((x - bias[k]) * inverse[k]))``)."""
+        scale, bias = (t.repeat_interleave(self.sub_block, dim=1).T.contiguous() for t in (scales.scale, scales.bias))
+        return scale, bias, safe_inverse(scale)
+
     def dequantize_codes(self, codes: torch.Tensor, scales: BlockScales, column: int = 0) -> torch.Tensor:
         n = codes.shape[1]
         sub = torch.arange(column, column + n, device=codes.device) // self.sub_block
