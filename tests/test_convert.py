@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from mc2gguf.allocate import uniform_plan
+from mc2gguf.archs import adapter_for
+from mc2gguf.checkpoint import Checkpoint
 from mc2gguf.convert import convert
 from mc2gguf.gguf_in import dequantized_checkpoint
 from mc2gguf.gguf_out import read_metadata
@@ -65,6 +72,23 @@ def test_metadata_and_tensors_equal_upstream_converter(tiny_mixtral, tmp_path, l
     for name, t in up_t.items():
         assert (our_t[name].tensor_type, list(our_t[name].shape)) == (t.tensor_type, list(t.shape)), name
         assert np.array_equal(np.asarray(our_t[name].data), np.asarray(t.data)), name
+
+
+def test_tied_embeddings_take_the_output_type(tiny_mixtral, tmp_path):
+    """Without lm_head (tied embeddings) token_embd is the output projection too and, as in llama.cpp, takes the
+    output's type (Q6_K below it); untied, the embedding keeps the file's type and output.weight takes Q6_K."""
+    tied = shutil.copytree(tiny_mixtral, tmp_path / "tied")
+    head = next(f for f in sorted(tied.glob("*.safetensors")) if "lm_head.weight" in safe_open(f, "pt").keys())
+    tensors = load_file(head)
+    del tensors["lm_head.weight"]
+    save_file(tensors, head, metadata={"format": "pt"})
+
+    def types(model) -> dict[str, str]:
+        plan = uniform_plan(adapter_for(Checkpoint(model)).tensors(), quant_type("Q4_K"))
+        return {p.spec.name: p.qtype.name for p in plan.tensors if p.spec.layer is None}
+
+    assert types(tiny_mixtral) == {"token_embd.weight": "Q4_K", "output_norm.weight": "F32", "output.weight": "Q6_K"}
+    assert types(tied) == {"token_embd.weight": "Q6_K", "output_norm.weight": "F32"}
 
 
 def test_expected_size_is_exact(tiny_mixtral, tmp_path):

@@ -82,7 +82,11 @@ class MixtralAdapter(ArchAdapter):
         )
 
     def tensors(self) -> list[TensorSpec]:
-        specs = [self._plain("token_embd.weight", "model.embed_tokens.weight", Role.EMBEDDING, None)]
+        tied = not self.checkpoint.has("lm_head.weight")  # then upstream writes no output.weight
+        # Tied, the embedding matrix is the output projection too and takes the output's type, as in llama.cpp
+        # (Q6_K at least): the logits see its error directly.
+        specs = [self._plain("token_embd.weight", "model.embed_tokens.weight", Role.OUTPUT if tied else Role.EMBEDDING,
+                             None)]
         for i in range(self.moe.n_layers):
             hf = f"model.layers.{i}"
             specs += [
@@ -96,7 +100,7 @@ class MixtralAdapter(ArchAdapter):
                 *(self._experts(i, proj) for proj in EXPERT_PROJECTIONS),
             ]
         specs.append(self._plain("output_norm.weight", "model.norm.weight", Role.NORM, None))
-        if self.checkpoint.has("lm_head.weight"):  # absent when the embeddings are tied, as upstream
+        if not tied:
             specs.append(self._plain("output.weight", "lm_head.weight", Role.OUTPUT, None))
         return specs
 
