@@ -135,7 +135,7 @@ def _layer_pass(adapter: ArchAdapter, cal: CalibrationSet, work: WorkDir, stage:
 def _keeps_candidates(adapter: ArchAdapter, opts: PMQOptions, palette: list[QuantType], work: WorkDir) -> bool:
     """Whether the eps stage keeps its packed bytes for stage 3: only where they are what stage 3 would write
     (the writer's GPTQ on the same Hessians: not in sequential mode, which calibrates on quantized layers), and
-    only where they fit in half the free disk (every palette type of every expert: 1.8 GB on disk for the
+    only where they fit in half the free disk (every palette type of every expert: 1.3 GB on disk for the
     reference MoE, well over 100 GB for a Mixtral 8x7B)."""
     if opts.eps_method != "gptq" or opts.sequential:
         return False
