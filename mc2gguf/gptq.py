@@ -13,8 +13,8 @@ What a GGUF type adds:
   GPTQ reaches the first column of a block it chooses the block's scales on the current, error-updated
   weights (``GridFormat.choose_scales``, importance = the Hessian diagonal), then rounds the block column by
   column onto that grid (as ``round_to_grid`` rounds, from ``GridFormat.column_grid``). Batches are a
-  multiple of the ggml block, so a block never straddles two batches. The codes and scales are packed with the format's own ``pack``: the bytes written
-  are exactly the values optimised.
+  multiple of the ggml block, so a block never straddles two batches. The codes and scales are packed with
+  the format's own ``pack``: the bytes written are exactly the values optimised.
 * ``act_order`` (columns in order of decreasing Hessian diagonal) would reach a block's columns scattered
   over the whole pass, so its scales cannot be chosen "when the block starts": every block's scales are
   chosen upfront on the original weights ("static groups", as in the GPTQ reference's ``static_groups``),

@@ -162,8 +162,7 @@ def measure(adapter: ArchAdapter, cal: CalibrationSet, opts: PMQOptions, work: W
             eps = measure_eps(adapter, layer, calibration, units, palette, quantize, candidates)
         if keep:  # before the layer's record, which marks the layer done
             for t in palette:  # one record per type: a file reads back only the types it chose
-                work.save("measure", _candidates_record(i, t), {(e, p): data for (e, p, name), data
-                                                                in candidates.items() if name == t.name})
+                work.save("measure", _candidates_record(i, t), candidates.get(t.name, {}))
         if calibration.unused_experts:
             print(f"note: layer {i}: no calibration token selects expert(s) {calibration.unused_experts}; "
                   "they are measured on all of the layer's tokens", file=sys.stderr)
@@ -207,9 +206,9 @@ def encoded_non_expert(plan: TensorPlan, measured: WorkDir) -> np.ndarray:
 
 def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_expert, opts: PMQOptions,
                     measured: WorkDir, work: WorkDir) -> None:
-    """GPTQ every expert projection onto its type (or take the eps stage's bytes of it); quantize the layer's
-    other matrices too. The bytes go to the work directory, one record per layer (the GGUF writer reads them
-    back one layer at a time)."""
+    """GPTQ every expert projection onto its type (or take the eps stage's bytes of it). The bytes go to the work
+    directory, one record ``{(expert, projection): bytes}`` per layer (the GGUF writer reads them back one layer
+    at a time); the other matrices' bytes are ``encoded_non_expert``'s, in sequential mode too."""
     n = adapter.moe.n_layers
     records = {(i, t): _candidates_record(i, t) for (i, _, _), t in types.items()}
     if not opts.sequential and all(measured.has("measure", r) for r in records.values()):
@@ -219,21 +218,17 @@ def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_
             candidates = {t: measured.load("measure", r) for (layer, t), r in records.items() if layer == i}
             experts = {(e, p): candidates[types[i, e, p]][e, p]
                        for e in range(adapter.moe.n_experts) for p in PROJECTIONS}
-            work.save("layers", f"layer-{i:03d}",
-                      {"attention": {plan.spec.name: encoded_non_expert(plan, measured)
-                                     for plan in non_expert.get(i, [])},
-                       "experts": experts})
+            work.save("layers", f"layer-{i:03d}", experts)
             del candidates, experts
         return
 
     def step(i: int, h: torch.Tensor):
         layer = adapter.load_layer(i)
-        record = {"attention": {}, "experts": {}}
+        experts = {}
         with torch.inference_mode():
-            for plan in non_expert.get(i, []):
-                data = encoded_non_expert(plan, measured)
-                record["attention"][plan.spec.name] = data
-                if opts.sequential:  # later computations see the quantized matrix
+            if opts.sequential:  # later computations see the quantized attention
+                for plan in non_expert.get(i, []):
+                    data = encoded_non_expert(plan, measured)
                     deq = quant.dequantize(data, plan.qtype, plan.spec.row_length).reshape(plan.spec.shape)
                     for name, value in plan.spec.to_checkpoint(deq).items():
                         layer.replace(name, value)
@@ -242,11 +237,11 @@ def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_
                 gptq = calibration.experts[e].quantizer(lambda h: GPTQ(h, opts.damp, opts.act_order).quantize)
                 results = gptq({p: expert.get(p) for p in PROJECTIONS}, {p: types[i, e, p] for p in PROJECTIONS})
                 for p, result in results.items():
-                    record["experts"][e, p] = result.data
+                    experts[e, p] = result.data
                     if opts.sequential:
                         setattr(expert, p, result.weights)
             h = adapter.layer_forward(layer, h) if opts.sequential else h_full
-        return h, record
+        return h, experts
 
     _layer_pass(adapter, cal, work, "layers", step, "quantize")
 
@@ -407,11 +402,8 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     def produce(payload: TensorPayload) -> np.ndarray:
         if payload.name in expert_source:
             layer, proj, members = expert_source[payload.name]
-            return np.stack([quantized(layer)["experts"][e, proj] for e in members])
-        plan = by_name[payload.name]
-        if plan.spec.layer is not None and payload.name in quantized(plan.spec.layer)["attention"]:
-            return quantized(plan.spec.layer)["attention"][payload.name]
-        return encoded_non_expert(plan, work)
+            return np.stack([quantized(layer)[e, proj] for e in members])
+        return encoded_non_expert(by_name[payload.name], work)
 
     with atomic_output(out, force, size) as tmp:
         write_gguf(tmp, adapter.gguf_architecture, metadata, payloads, produce)

@@ -51,13 +51,13 @@ def measure_eps(
     units: list[tuple[str, ...]],
     palette: list[QuantType],
     quantize,
-    candidates: dict[tuple[int, str, str], np.ndarray] | None = None,
+    candidates: dict[str, dict[tuple[int, str], np.ndarray]] | None = None,
 ) -> dict[tuple[int, tuple[str, ...]], dict[str, float]]:
     """``{(expert, projections): {type name: eps}}`` for every expert and unit of one layer; ``quantize`` is a
     ``quantizer(...)``.
 
-    ``candidates``, when given, receives the packed bytes of every quantization, ``{(expert, projection, type
-    name): bytes}``: where they are what the writer would produce, quantization reuses them."""
+    ``candidates``, when given, receives the packed bytes of every quantization, ``{type name: {(expert,
+    projection): bytes}}``: where they are what the writer would produce, quantization reuses them."""
     eps: dict[tuple[int, tuple[str, ...]], dict[str, float]] = {}
     for e, expert in enumerate(layer.experts):
         cal = calibration.experts[e]
@@ -72,7 +72,7 @@ def measure_eps(
             results = quantize_expert(weights, dict.fromkeys(PROJECTIONS, qtype))
             quantized = {p: r.weights for p, r in results.items()}
             if candidates is not None:
-                candidates.update({(e, p, qtype.name): r.data for p, r in results.items()})
+                candidates.setdefault(qtype.name, {}).update({(e, p): r.data for p, r in results.items()})
             for projs in units:
                 q = ExpertWeights(**{p: quantized[p] if p in projs else expert.get(p) for p in PROJECTIONS})
                 y = adapter.expert_activation(q, x) @ q.down.T

@@ -43,8 +43,8 @@ def _upstream_metadata(model_dir: Path, files: tuple) -> tuple[KeyValue, ...]:
     cached = cache_root() / "upstream-metadata" / f"{key}.pickle"
     try:
         return pickle.loads(cached.read_bytes())
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        pass  # not there yet, or unreadable: made again
+    except Exception:  # missing, truncated or written by another version: made again
+        pass
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vocab.gguf"
         cmd = [sys.executable, str(converter), str(model_dir), "--vocab-only", "--outfile", str(out)]

@@ -64,24 +64,26 @@ class GridFormat(ABC):
     def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, BlockScales]:
         """Inverse of ``pack``: integer codes and scales from ``[rows, type_size]`` bytes."""
 
+    def _columns(self, scales: BlockScales, column: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and bias ``[rows, n]`` of columns ``column .. column+n`` of the block."""
+        sub = torch.arange(column, column + n, device=scales.scale.device) // self.sub_block
+        return scales.scale.index_select(1, sub), scales.bias.index_select(1, sub)
+
     def round_to_grid(self, values: torch.Tensor, scales: BlockScales, column: int) -> torch.Tensor:
         """Integer codes for ``values`` ``[rows, n]`` at columns ``column .. column+n`` of the block."""
-        n = values.shape[1]
-        sub = torch.arange(column, column + n, device=values.device) // self.sub_block
-        scale, bias = scales.scale.index_select(1, sub), scales.bias.index_select(1, sub)
+        scale, bias = self._columns(scales, column, values.shape[1])
         return round_codes(values, scale, bias, self.qmin, self.qmax)
 
     def column_grid(self, scales: BlockScales) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each column's scale, bias and ``safe_inverse`` of the scale, ``[block_size, rows]`` each: what
         ``round_to_grid`` and ``dequantize_codes`` use, gathered once for GPTQ, which rounds a column at a time
         (``round_codes`` of column ``k`` is ``clamp(round((x - bias[k]) * inverse[k]))``)."""
-        scale, bias = (t.repeat_interleave(self.sub_block, dim=1).T.contiguous() for t in (scales.scale, scales.bias))
+        scale, bias = (t.T.contiguous() for t in self._columns(scales, 0, self.block_size))
         return scale, bias, safe_inverse(scale)
 
     def dequantize_codes(self, codes: torch.Tensor, scales: BlockScales, column: int = 0) -> torch.Tensor:
-        n = codes.shape[1]
-        sub = torch.arange(column, column + n, device=codes.device) // self.sub_block
-        return scales.scale.index_select(1, sub) * codes + scales.bias.index_select(1, sub)
+        scale, bias = self._columns(scales, column, codes.shape[1])
+        return scale * codes + bias
 
     def sub_blocks(self, block: torch.Tensor) -> torch.Tensor:
         """``[rows, block_size]`` -> ``[rows, n_sub, sub_block]``."""
