@@ -90,9 +90,10 @@ QUANT_TYPES: dict[str, QuantType] = {t.name: t for t in _TYPES}
 # run by llama.cpp's CUDA backend (so no TQ1_0/TQ2_0: edge GPUs are the target). Under GPTQ, which corrects
 # K-quants column by column but codebook types only block by block, Q2_K, Q3_K and Q4_K have 16 %, 11 % and
 # 45 % less eps than IQ2_S, IQ3_S and IQ4_XS at the same or nearly the same size (medians over the 16 experts
-# of layers 0 and 15 of the reference MoE), so those three are left out. So is IQ2_XS: its eps lies above the
-# line between its neighbours' (the integer program mixes IQ2_XXS and Q2_K experts instead), and it is the
-# slowest to quantize.
+# of layers 0 and 15 of the reference MoE, benchmarks/eps_by_type.py), so those three are left out. So is
+# IQ2_XS: its median eps lies 4 % above the line between IQ2_XXS's and Q2_K's (the integer program mixes those
+# two instead), and it was the old palette's slowest type to quantize. IQ3_XXS lies as far above the line between Q2_K and
+# Q3_K, and stays: quicker to quantize than IQ2_XS, it is the only type between 2.6 and 3.4 bits.
 DEFAULT_PALETTE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 
 
