@@ -86,14 +86,15 @@ _TYPES = (
 
 QUANT_TYPES: dict[str, QuantType] = {t.name: t for t in _TYPES}
 
-# PMQ's default candidates for experts: a ladder of mainline types from ~1.6 to 4.5 bits per weight, all
-# run by llama.cpp's CUDA backend (so no TQ1_0/TQ2_0: edge GPUs are the target). Under GPTQ, which corrects
+# PMQ's default candidates for experts: a ladder of mainline types from ~1.6 to 4.5 bits per weight, all run
+# by llama.cpp's CUDA backend (so no TQ1_0/TQ2_0: edge GPUs are the target). Under GPTQ, which corrects
 # K-quants column by column but codebook types only block by block, Q2_K, Q3_K and Q4_K have 16 %, 11 % and
 # 45 % less eps than IQ2_S, IQ3_S and IQ4_XS at the same or nearly the same size (medians over the 16 experts
 # of layers 0 and 15 of the reference MoE, benchmarks/eps_by_type.py), so those three are left out. So is
 # IQ2_XS: its median eps lies 4 % above the line between IQ2_XXS's and Q2_K's (the integer program mixes those
-# two instead), and it was the old palette's slowest type to quantize. IQ3_XXS lies as far above the line between Q2_K and
-# Q3_K, and stays: quicker to quantize than IQ2_XS, it is the only type between 2.6 and 3.4 bits.
+# two instead), and it was the old palette's slowest type to quantize. IQ3_XXS lies as far above the line
+# between Q2_K and Q3_K, and stays: quicker to quantize than IQ2_XS, it is the only type between 2.6 and 3.4
+# bits.
 DEFAULT_PALETTE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
 
 
