@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from mc2gguf.archs import adapter_for
-from mc2gguf.calib_data import load_calibration
-from mc2gguf.calibrate import calibrate_layer
+from mc2gguf.text import load_calibration
+from mc2gguf.pmq.calibrate import calibrate_layer
 from mc2gguf.checkpoint import Checkpoint
-from mc2gguf.qtypes import quant_type
-from mc2gguf.sensitivity import measure_eps, quantizer, unit_projections
+from mc2gguf.quant.types import quant_type
+from mc2gguf.pmq.measure import measure_eps, quantizer, unit_projections
 
 
 def main() -> None:

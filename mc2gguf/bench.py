@@ -26,17 +26,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .calib_data import documents
+from .text import documents
 from .errors import Mc2ggufError
-from .gguf_out import KeyValue, copy_with_metadata, read_metadata
-from .inspect_gguf import summarize
-from .llama_build import find_llama_build
-from .qtypes import quant_type
+from .gguf.writer import KeyValue, copy_with_metadata, read_metadata
+from .gguf.inspect import summarize
+from .gguf.keys import Keys, expert_tensor_pattern
+from .llama.build import find_llama_build
+from .quant.types import quant_type
 
 LLAMA_TYPES = ("Q2_K", "Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "Q3_K_S")
 # expert types of the llama.cpp layer mix, in increasing bits per weight (each one that llama.cpp's CUDA backend runs)
 MIX_LADDER = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "Q4_K")
-MU_KEY = "mc2gguf.odp.mu"
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class Bench:
         share = 0.0 if upper[1] == lower[1] else (bpw - lower[1]) / (upper[1] - lower[1])
         k = int(share * n_layers + 1e-9)  # as many layers at the upper type as fit in the budget
         out = self.c.work / f"llama-mix-{bpw:.2f}.gguf"
-        overrides = [a for i in range(k) for a in ("--tensor-type", f"blk\\.{i}\\.ffn_.*_exps={upper[0]}")]
+        overrides = [a for i in range(k) for a in ("--tensor-type", f"{expert_tensor_pattern(i)}={upper[0]}")]
         self._stage(f"quantize-mix-{bpw:.2f}", out, [self.bin / "llama-quantize", "--imatrix", self.imatrix(),
                                                      *overrides, "--tensor-type", "attn_.*=Q4_K", self.f16(), out,
                                                      lower[0], self.c.threads])
@@ -205,8 +205,8 @@ class Bench:
         """A copy of ``path`` whose ODP thresholds are ``scale`` times the calibrated ones (at most 1)."""
         out = self.c.work / f"{path.stem}-mu{scale:g}.gguf"
         if not out.exists():
-            mu = next(kv for kv in read_metadata(path) if kv.key == MU_KEY)
-            copy_with_metadata(path, out, {MU_KEY: KeyValue(MU_KEY, [min(1.0, m * scale) for m in mu.value],
+            mu = next(kv for kv in read_metadata(path) if kv.key == Keys.ODP_MU)
+            copy_with_metadata(path, out, {Keys.ODP_MU: KeyValue(Keys.ODP_MU, [min(1.0, m * scale) for m in mu.value],
                                                             mu.vtype, mu.sub_type)})
         return out
 

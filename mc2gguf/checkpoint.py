@@ -1,4 +1,4 @@
-"""Stage 1: read a Hugging Face checkpoint lazily, one tensor at a time.
+"""Read a Hugging Face checkpoint lazily, one tensor at a time.
 
 Opening a checkpoint reads only ``config.json`` and the safetensors headers, and checks every shard
 against its header (so a truncated or corrupt shard fails before any work, with its name in the message).

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from .errors import Mc2ggufError
-from .qtypes import DEFAULT_PALETTE, QUANT_TYPES, quant_type
+from .quant.types import DEFAULT_PALETTE, QUANT_TYPES, quant_type
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -29,7 +30,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         result = convert(Path(args.src), Path(args.out), quant_type(args.type), force=args.force)
         print(f"wrote {result.out} ({result.size:,} bytes)")
         return
-    from .allocate import Objective
+    from .pmq.allocate import Objective
     from .pmq import PMQOptions, run_pmq
 
     opts = PMQOptions(
@@ -47,13 +48,13 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from .inspect_gguf import render, summarize
+    from .gguf.inspect import render, summarize
 
     print(render(summarize(Path(args.file))))
 
 
 def _cmd_build_llama(args: argparse.Namespace) -> None:
-    from .llama_build import BuildConfig, build_llama, compile_check_cuda
+    from .llama.build import BuildConfig, build_llama, compile_check_cuda
 
     if args.cuda_compile_check:
         units = compile_check_cuda(args.cuda_archs, jobs=args.jobs)
@@ -74,13 +75,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench import LLAMA_TYPES, Bench, BenchConfig, update_readme
-    from .reference_moe import DEFAULT_CALIB, DEFAULT_TINYSTORIES, DEFAULT_WIKITEXT, build_reference_moe
+    from .paths import C4_SAMPLE, TINYSTORIES, WIKITEXT_TEST
+    from .reference import build_reference_moe
 
     model = Path(args.model) if args.model else build_reference_moe().path
-    calib = args.calib or (DEFAULT_CALIB, DEFAULT_TINYSTORIES)
+    calib = args.calib or (C4_SAMPLE, TINYSTORIES)
     config = BenchConfig(
         model=model, work=Path(args.work), calib=tuple(Path(c) for c in calib),
-        eval_text=Path(args.eval) if args.eval else DEFAULT_WIKITEXT, ctx=args.ctx, chunks=args.chunks,
+        eval_text=Path(args.eval) if args.eval else WIKITEXT_TEST, ctx=args.ctx, chunks=args.chunks,
         threads=args.threads, seed=args.seed, llama_types=tuple(t for t in args.llama_types.split(",") if t) if args.llama_types is not None else LLAMA_TYPES,
         bpws=tuple(float(b) for b in args.bpw.split(",") if b), layouts=tuple(l for l in args.layouts.split(",") if l),
         nsamples=args.nsamples, seqlen=args.seqlen, eps_tokens=args.eps_tokens, speed=not args.no_speed,
@@ -93,7 +95,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_build_reference(args: argparse.Namespace) -> None:
-    from .reference_moe import build_reference_moe, default_out_dir
+    from .reference import build_reference_moe, default_out_dir
 
     result = build_reference_moe(
         Path(args.out).expanduser() if args.out else default_out_dir(),
@@ -158,7 +160,7 @@ def _add_run_options(p: argparse.ArgumentParser, ctx_help: str) -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .interactive import run_chat
+    from .llama.interactive import run_chat
 
     return run_chat(Path(args.model), system=args.system, n_ctx=args.ctx, n_threads=args.threads,
                     max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed, moe_prune=args.moe_prune,
@@ -166,19 +168,61 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .interactive import run_server
+    from .llama.interactive import run_server
 
     return run_server(Path(args.model), host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads,
                       parallel=args.parallel, moe_prune=args.moe_prune, moe_protect=args.moe_protect,
                       extra=args.server_args)
 
 
+DESCRIPTION = """\
+mc2gguf compresses Mixture-of-Experts LLMs (Mixtral-style) with MC-MoE and exports them to GGUF for llama.cpp.
+PMQ, pre-loading mixed-precision quantization, gives each expert its own quantization type under a
+bits-per-weight or file-size budget, from its measured importance and quantization error. ODP, online dynamic
+pruning, skips a token's second expert at run time when its routing weight is small next to the first's. The
+files run in a pinned llama.cpp with the project's patches (mc2gguf build-llama builds and caches it)."""
+
+COMMON_COMMANDS = """\
+common commands:
+  mc2gguf demo
+      compress the built-in reference MoE with PMQ, then run it in llama.cpp with ODP
+  mc2gguf convert ./Mixtral-8x7B-v0.1 mixtral-2.5bpw.gguf --bpw 2.5 --calib c4.jsonl
+      PMQ: each expert in its own type, 2.5 bits per expert weight on average
+  mc2gguf chat mixtral-2.5bpw.gguf
+      chat with the result in the terminal (ODP pruning on)
+
+`mc2gguf COMMAND --help` shows a command's options and an example."""
+
+
+def _wrap(text: str) -> str:
+    """Paragraphs (separated by blank lines) filled to 79 columns: the raw formatter keeps line breaks as given."""
+    return "\n\n".join(textwrap.fill(" ".join(par.split()), 79, break_on_hyphens=False) for par in text.split("\n\n"))
+
+
+def _command(sub, name: str, summary: str, description: str, example: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand: ``summary`` in ``mc2gguf --help``; its own help opens with ``description`` and ends
+    with ``example``, both printed with their line breaks."""
+    return sub.add_parser(name, help=summary, description=_wrap(description), epilog="example:\n  " + example,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mc2gguf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mc2gguf", description=_wrap(DESCRIPTION), epilog=COMMON_COMMANDS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     type_help = f"GGUF type of the weight matrices (one of {', '.join(QUANT_TYPES)})"
 
-    p = sub.add_parser("convert", help="convert a Hugging Face Mixtral checkpoint to GGUF")
+    p = _command(sub, "convert", "convert a Hugging Face Mixtral checkpoint to GGUF, one type or PMQ mixed precision",
+                 "Convert a Hugging Face Mixtral checkpoint (config.json, safetensors shards, tokenizer) to GGUF, "
+                 "one tensor at a time.\n\n"
+                 "Without --bpw or --size, every weight matrix gets --type (with llama.cpp's usual exceptions: "
+                 "norms and router in F32, the output projection at least Q6_K).\n\n"
+                 "With --bpw or --size, PMQ mixed precision: run the --calib text through the model one layer at "
+                 "a time, measure each expert's error in each --palette type with the real quantizer, choose the "
+                 "types by an integer program under the budget, quantize the experts with GPTQ, and store ODP's "
+                 "pruning thresholds in the file. A report (JSON and plot) is written beside it; an interrupted "
+                 "run resumes from its work directory.",
+                 "mc2gguf convert ./Mixtral-8x7B-v0.1 mixtral-2.5bpw.gguf --bpw 2.5 --calib c4.jsonl")
     p.add_argument("src", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
     p.add_argument("out", help="output .gguf file")
     p.add_argument("--type", default="F16", help=type_help + "; default F16")
@@ -219,11 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     pmq.add_argument("--work-dir", help="per-layer checkpoints for resuming (default: OUT.mc2gguf-work)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("inspect", help="summarise a GGUF file: types, bits per weight, size")
+    p = _command(sub, "inspect", "summarise a GGUF file: types, bits per weight, size",
+                 "Summarise a GGUF file: architecture, tensor count, the type of every tensor, the bits per weight "
+                 "of the experts and of the whole file, and its size.",
+                 "mc2gguf inspect mixtral-2.5bpw.gguf")
     p.add_argument("file")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("build-llama", help="build the pinned, patched llama.cpp (cached); prints its bin directory")
+    p = _command(sub, "build-llama", "build the pinned, patched llama.cpp (cached); prints its bin directory",
+                 "Build the pinned llama.cpp (commit 0c1e570, from the llama-cpp-python 0.3.36 sdist, downloaded "
+                 "with pip) with the project's patches: its tools, shared libraries and the llama-cpp-python "
+                 "bindings bound to that same library. The build is cached in $MC2GGUF_CACHE (default "
+                 "~/.cache/mc2gguf), so later calls return at once; the first takes about 13 minutes on 2 cores. "
+                 "Prints the directory of the binaries as its last line.",
+                 "mc2gguf build-llama")
     p.add_argument("--cuda", action="store_true", help="build the CUDA backend too")
     p.add_argument("--cuda-archs", default="86;89", help="CUDA architectures (default: 86;89)")
     p.add_argument("--cuda-compile-check", action="store_true",
@@ -231,8 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
     p.set_defaults(func=_cmd_build_llama)
 
-    p = sub.add_parser("bench", help="mc2gguf vs llama.cpp's recipes on one model (default: the reference MoE): "
-                       "PPL, KLD, same-top rate, ODP skip ratio, speed and conversion cost; table, JSON and plots")
+    p = _command(sub, "bench", "mc2gguf vs llama.cpp's recipes on one model (default: the reference MoE): "
+                 "PPL, KLD, same-top rate, ODP skip ratio, speed and conversion cost; table, JSON and plots",
+                 "Compare mc2gguf's PMQ files (with and without ODP) against llama.cpp's own imatrix recipes on "
+                 "one model (default: the reference MoE, built if missing): perplexity, KL divergence and "
+                 "same-top-token rate against F16, ODP skip ratio, speed (llama-bench) and conversion cost. "
+                 "Writes a table (results.md), JSON and plots into --work; a second run resumes.",
+                 "mc2gguf bench --work bench-out --bpw 2.5")
     p.add_argument("--model", help="Hugging Face Mixtral directory (default: the reference MoE, built if missing)")
     p.add_argument("--work", default="bench-out", help="files, logs and results; a second run resumes (default bench-out)")
     p.add_argument("--calib", action="append", help="calibration text for both imatrix and PMQ; repeat to mix "
@@ -254,8 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", help="write the results into this README's results section")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("build-reference", help="build (or find cached) the real-weights reference MoE (8 experts, top-2) "
-                       "from pretrained SmolLM2-135M-Instruct; prints its directory")
+    p = _command(sub, "build-reference", "build (or find cached) the real-weights reference MoE (8 experts, "
+                 "top-2) from pretrained SmolLM2-135M-Instruct; prints its directory",
+                 "Build (or find cached) the reference MoE: the pretrained SmolLM2-135M-Instruct turned into a "
+                 "Mixtral with 8 experts, top-2, calibrated on the C4 sample; then measure its perplexity against "
+                 "the dense model (skip with --no-eval). Prints its directory as its last line.",
+                 "mc2gguf build-reference --no-eval")
     p.add_argument("--out", help="output directory (default: reference-moe in the mc2gguf cache, "
                                  "$MC2GGUF_CACHE or ~/.cache/mc2gguf)")
     p.add_argument("--calib", help="calibration text, plain or JSONL (default: ../shared/data/c4/c4-sample.jsonl "
@@ -267,8 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the dense vs MoE perplexity measurement")
     p.set_defaults(func=_cmd_build_reference)
 
-    p = sub.add_parser("eval", help="perplexity in PyTorch as llama-perplexity computes it, optionally with the GGUF's "
-                       "weights and ODP (docs/odp.md)")
+    p = _command(sub, "eval", "perplexity in PyTorch as llama-perplexity computes it, optionally with the GGUF's "
+                 "weights and ODP (docs/odp.md)",
+                 "Perplexity of a Hugging Face Mixtral in PyTorch, computed as llama-perplexity computes it. With "
+                 "--gguf it runs that file's weights (every tensor dequantized) and ODP with the file's thresholds, "
+                 "and reports the share of skipped expert slots; comma-separated --protection or --mu-scale "
+                 "compare variants (docs/odp.md).",
+                 "mc2gguf eval ./Mixtral-8x7B-v0.1 --text wiki.test.raw --gguf mixtral-2.5bpw.gguf")
     p.add_argument("model", help="Hugging Face Mixtral directory (config, weights, tokenizer)")
     p.add_argument("--text", required=True, help="evaluation text, e.g. ../shared/data/wikitext-2-raw/wiki.test.raw")
     p.add_argument("--gguf", help="run the weights of this GGUF (every tensor, dequantized) and use its ODP metadata")
@@ -293,8 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "hf: the model directory's; auto (default): llama with --gguf when llama.cpp is built")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("chat", help="chat with a GGUF in the terminal (streamed, the file's chat template); "
-                       "with piped input: one message per line")
+    p = _command(sub, "chat", "chat with a GGUF in the terminal (streamed, the file's chat template); "
+                 "with piped input: one message per line",
+                 "Chat with a GGUF in the terminal through the patched llama.cpp: answers streamed token by token "
+                 "in the file's chat template, history kept across turns, ODP pruning on for files with ODP "
+                 "metadata. Ctrl-C stops an answer; Ctrl-D or /exit quits, /reset clears the history. With piped "
+                 "input: one message per line, each answer on stdout.",
+                 "mc2gguf chat mixtral-2.5bpw.gguf --system \"You are a helpful assistant.\"")
     _add_run_options(p, "context size in tokens (default 4096); the oldest exchanges are dropped when it is full")
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512; 0: no limit)")
@@ -302,16 +374,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("serve", help="serve a GGUF with the patched llama-server (OpenAI-compatible HTTP API)",
-                       usage="%(prog)s [options] model [-- extra llama-server args]")
+    p = _command(sub, "serve", "serve a GGUF with the patched llama-server (OpenAI-compatible HTTP API)",
+                 "Serve a GGUF with the patched llama-server: an OpenAI-compatible HTTP API under /v1 and "
+                 "llama.cpp's /completion, on the loopback interface unless --host says otherwise, ODP pruning on "
+                 "for files with ODP metadata. Prints the URL once it answers; arguments after -- go to "
+                 "llama-server unchanged.",
+                 "mc2gguf serve mixtral-2.5bpw.gguf --port 8080 -- --api-key KEY",
+                 usage="%(prog)s [options] model [-- extra llama-server args]")
     _add_run_options(p, "context size in tokens, shared by the --parallel slots (default 4096)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--parallel", type=int, default=None, help="concurrent request slots (default: llama-server's)")
     p.set_defaults(func=_cmd_serve, server_args=[])
 
-    p = sub.add_parser("demo", help="compress the reference MoE (real weights) with PMQ and run it in the patched "
-                       "llama.cpp with ODP; --tiny: a small random Mixtral instead")
+    p = _command(sub, "demo", "compress the reference MoE (real weights) with PMQ and run it in the patched "
+                 "llama.cpp with ODP; --tiny: a small random Mixtral instead",
+                 "The main job on a built-in model, for a first run: build llama.cpp and the reference MoE if "
+                 "needed (both cached), compress it with PMQ to --bpw bits per expert weight (calibration cut to "
+                 "32 x 512 tokens and four candidate types, to take minutes), then continue --prompt with the "
+                 "patched llama-completion, ODP on, and print the share of pruned expert slots. --tiny converts a "
+                 "small seeded random Mixtral to one --type instead: seconds, but random text.",
+                 "mc2gguf demo --bpw 2.5 --prompt \"Once upon a time\"")
     p.add_argument("--workdir", default="mc2gguf-demo", help="where the GGUF and work files go (default: ./mc2gguf-demo)")
     p.add_argument("--bpw", type=float, default=2.5, help="experts' bits per weight (default 2.5)")
     p.add_argument("--prompt", default="Once upon a time", help="prompt for llama.cpp")

@@ -6,18 +6,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from gguf import GGUFValueType, GGUFWriter, LlamaFileType, size_label
 from tqdm import tqdm
 
-from . import quant
-from .allocate import Plan, TensorPlan, uniform_plan
+from .quant.plan import Plan, TensorPlan, encode_tensor, uniform_plan
 from .archs import adapter_for
 from .checkpoint import Checkpoint
-from .gguf_out import KeyValue, TensorPayload, atomic_output, expected_file_size, write_gguf
-from .qtypes import QuantType
-from .upstream import upstream_metadata
+from .gguf.writer import TensorPayload, atomic_output, expected_file_size, write_gguf
+from .quant.types import QuantType
+from .gguf.upstream import model_metadata
 
 
 @dataclass(frozen=True)
@@ -27,35 +24,8 @@ class ConvertResult:
     plan: Plan
 
 
-def encode_tensor(plan: TensorPlan) -> np.ndarray:
-    """Load one tensor and quantize it: ``[..., row_bytes]`` uint8 (experts one at a time)."""
-    weights = plan.spec.load()
-    if weights.ndim == 1:
-        return quant.quantize(weights[None, :], plan.qtype)[0]
-    if weights.ndim == 2:
-        return quant.quantize(weights, plan.qtype)
-    return np.stack([quant.quantize(w, plan.qtype) for w in weights])
-
-
 def _payload(plan: TensorPlan) -> TensorPayload:
     return TensorPayload(plan.spec.name, plan.spec.shape, plan.qtype.ggml_type, plan.nbytes)
-
-
-def model_metadata(model_dir: Path, arch: str, payloads: list[TensorPayload], file_type: LlamaFileType):
-    """Upstream's key/values, with the two that depend on the written tensors filled in as upstream would."""
-    upstream = upstream_metadata(model_dir)
-    counter = GGUFWriter(None, arch)
-    for p in payloads:
-        counter.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.ggml_type)
-    total, shared, expert, n_experts = counter.get_total_parameter_count()
-    derived = {
-        "general.file_type": KeyValue("general.file_type", int(file_type), GGUFValueType.UINT32),
-        "general.size_label": KeyValue(
-            "general.size_label", size_label(total, shared, expert, n_experts), GGUFValueType.STRING
-        ),
-    }
-    merged = [derived.pop(kv.key, kv) for kv in upstream]
-    return merged + list(derived.values())
 
 
 def convert(src: Path, out: Path, qtype: QuantType, force: bool = False) -> ConvertResult:

@@ -15,18 +15,21 @@ import re
 import subprocess
 from pathlib import Path
 
-from .cli import main as cli_main
 from .convert import convert
-from .inspect_gguf import render, summarize
-from .llama_build import LlamaBuild, build_llama
-from .qtypes import QuantType
-from .reference_moe import DEFAULT_CALIB, build_reference_moe
+from .gguf.inspect import render, summarize
+from .llama.build import LlamaBuild, build_llama
+from .paths import C4_SAMPLE
+from .pmq import PMQOptions, run_pmq
+from .quant.types import QuantType, quant_type
+from .reference import build_reference_moe
 from .testmodel import build_tiny_mixtral, default_tokenizer
 
 # A demo's measurement: 32 windows of 512 tokens and four candidate types. Its time goes to quantizing every
 # expert to every candidate (0.1-0.5 s per matrix and type), so the default palette of seven types (and the
 # default 128 x 2048 tokens) takes about half an hour on 2 cores for this model.
-DEMO_PMQ_OPTIONS = ("--nsamples", "32", "--seqlen", "512", "--palette", "IQ2_XXS,Q2_K,Q3_K,Q4_K")
+DEMO_NSAMPLES = 32
+DEMO_SEQLEN = 512
+DEMO_PALETTE = "IQ2_XXS,Q2_K,Q3_K,Q4_K"
 
 
 def run_demo(workdir: Path, prompt: str, bpw: float) -> None:
@@ -35,12 +38,17 @@ def run_demo(workdir: Path, prompt: str, bpw: float) -> None:
     model = build_reference_moe(evaluate=False)  # its perplexity (15 min on 2 cores) is the bench's business
     print(f"reference MoE: {model.path}")
     out = workdir / f"reference-moe-{bpw:g}bpw.gguf"
-    calib = ["--calib", str(DEFAULT_CALIB)] if DEFAULT_CALIB.is_file() else []  # else: text the model samples
-    argv = ["convert", str(model.path), str(out), "--bpw", str(bpw), *calib, *DEMO_PMQ_OPTIONS,
-            "--work-dir", str(workdir / "pmq-work"), "--force"]  # measurements kept: a second run only writes
+    calib = (C4_SAMPLE,) if C4_SAMPLE.is_file() else ()  # else: text the model samples
+    work_dir = workdir / "pmq-work"  # measurements kept: a second run only writes
+    # What `mc2gguf convert` runs for the command line printed below; every other option at its default.
+    opts = PMQOptions(calib=calib, nsamples=DEMO_NSAMPLES, seqlen=DEMO_SEQLEN, bpw=float(bpw),
+                      palette=tuple(quant_type(t).name for t in DEMO_PALETTE.split(",")))
+    argv = ["convert", str(model.path), str(out), "--bpw", str(bpw), *(a for c in calib for a in ("--calib", str(c))),
+            "--nsamples", str(DEMO_NSAMPLES), "--seqlen", str(DEMO_SEQLEN), "--palette", DEMO_PALETTE,
+            "--work-dir", str(work_dir), "--force"]
     print("$ mc2gguf " + " ".join(argv), flush=True)
-    if cli_main(argv) != 0:
-        raise SystemExit(1)
+    result = run_pmq(model.path, out, opts, force=True, work_dir=work_dir)
+    print(f"wrote {result.out} ({result.size:,} bytes) and its report {result.out}.report.json/.png")
     print(render(summarize(out)).split("\n\n")[0])
     _generate(build, out, prompt, 64)
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .archs.mixtral import checkpoint_layer_shapes
 from .errors import Mc2ggufError
+from .paths import TOKENIZER_512
 
 
 @dataclass(frozen=True)
@@ -60,23 +62,8 @@ def _random(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dty
 
 
 def _layer_tensors(i: int, c: TinyMixtralConfig) -> dict[str, tuple[int, ...]]:
-    head_dim = c.hidden_size // c.num_attention_heads
-    h, f = c.hidden_size, c.intermediate_size
-    p = f"model.layers.{i}"
-    shapes = {
-        f"{p}.input_layernorm.weight": (h,),
-        f"{p}.self_attn.q_proj.weight": (c.num_attention_heads * head_dim, h),
-        f"{p}.self_attn.k_proj.weight": (c.num_key_value_heads * head_dim, h),
-        f"{p}.self_attn.v_proj.weight": (c.num_key_value_heads * head_dim, h),
-        f"{p}.self_attn.o_proj.weight": (h, c.num_attention_heads * head_dim),
-        f"{p}.post_attention_layernorm.weight": (h,),
-        f"{p}.block_sparse_moe.gate.weight": (c.num_local_experts, h),
-    }
-    for e in range(c.num_local_experts):
-        shapes[f"{p}.block_sparse_moe.experts.{e}.w1.weight"] = (f, h)
-        shapes[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = (h, f)
-        shapes[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = (f, h)
-    return shapes
+    return checkpoint_layer_shapes(i, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                   c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_local_experts)
 
 
 def build_tiny_mixtral(
@@ -120,14 +107,11 @@ def build_tiny_mixtral(
     return out_dir
 
 
-_SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "tok512" / "tokenizer.model"
-
-
 def default_tokenizer(workdir: Path) -> Path:
     """The project's shared 512-piece SentencePiece model when the checkout has ``../shared`` beside it;
     otherwise a 512-piece BPE model trained here, deterministically, on mc2gguf's own source text."""
-    if _SHARED_TOKENIZER.is_file():
-        return _SHARED_TOKENIZER
+    if TOKENIZER_512.is_file():
+        return TOKENIZER_512
     import sentencepiece
 
     prefix = Path(workdir) / "tok512"

@@ -13,7 +13,7 @@ TOKENIZER = SHARED / "tokenizers" / "tok512" / "tokenizer.model"
 @pytest.fixture(scope="session")
 def llama_build():
     """The pinned, patched llama.cpp (built on first use, then cached; CI builds it before the tests)."""
-    from mc2gguf.llama_build import build_llama
+    from mc2gguf.llama.build import build_llama
 
     return build_llama()
 

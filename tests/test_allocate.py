@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from mc2gguf.allocate import AllocationUnit, Objective, reachable_bytes, solve_allocation
+from mc2gguf.pmq.allocate import AllocationUnit, Objective, reachable_bytes, solve_allocation
 from mc2gguf.errors import Mc2ggufError
-from mc2gguf.qtypes import quant_type
+from mc2gguf.quant.types import quant_type
 
 PALETTE = [quant_type(n) for n in ("IQ2_XXS", "Q2_K", "IQ3_S", "Q4_K")]
 

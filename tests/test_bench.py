@@ -14,7 +14,7 @@ from gguf import GGUFReader
 
 from mc2gguf.bench import README_BEGIN, README_END, Bench, BenchConfig, update_readme
 from mc2gguf.errors import Mc2ggufError
-from mc2gguf.inspect_gguf import summarize
+from mc2gguf.gguf.inspect import summarize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

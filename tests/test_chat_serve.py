@@ -25,7 +25,7 @@ import pytest
 
 from mc2gguf.cli import main
 from mc2gguf.convert import convert
-from mc2gguf.qtypes import quant_type
+from mc2gguf.quant.types import quant_type
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -65,7 +65,7 @@ def plain_gguf(tiny_mixtral, tmp_path_factory, llama_build) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_llm(chat_gguf):
-    from mc2gguf.llama_runtime import bindings
+    from mc2gguf.llama.runtime import bindings
 
     llm = bindings().Llama(model_path=str(chat_gguf), n_ctx=512, n_threads=1, verbose=False)
     yield llm
@@ -95,7 +95,7 @@ def expected(reference_llm) -> list[str]:
 @pytest.fixture
 def asked(monkeypatch):
     """Every ``ChatSession.ask`` call in this process: (answer, the pieces it was streamed in)."""
-    from mc2gguf.interactive import ChatSession
+    from mc2gguf.llama.interactive import ChatSession
 
     calls, ask = [], ChatSession.ask
 
@@ -125,7 +125,7 @@ def test_chat_piped_lines_use_file_template_and_history(chat_gguf, expected):
 
 
 def test_chat_streams_answers(chat_gguf, expected, asked):
-    from mc2gguf.interactive import run_chat
+    from mc2gguf.llama.interactive import run_chat
 
     out, err = io.StringIO(), io.StringIO()
     rc = run_chat(chat_gguf, n_ctx=512, max_tokens=8, temperature=0, n_threads=1,
@@ -139,7 +139,7 @@ def test_chat_streams_answers(chat_gguf, expected, asked):
 
 def test_chat_session_feeds_the_template_to_llama(chat_gguf, reference_llm):
     """The tokens llama.cpp evaluated start with the hand-rendered template, system message included."""
-    from mc2gguf.interactive import ChatSession
+    from mc2gguf.llama.interactive import ChatSession
 
     session = ChatSession(reference_llm, system="be brief", max_tokens=4, temperature=0)
     assert session.template_from_file and session.system_in_template
@@ -150,7 +150,7 @@ def test_chat_session_feeds_the_template_to_llama(chat_gguf, reference_llm):
 
 
 def test_chat_without_template_falls_back_to_mixtral_instruct(plain_gguf):
-    from mc2gguf.interactive import ChatSession, load_model
+    from mc2gguf.llama.interactive import ChatSession, load_model
 
     llm = load_model(plain_gguf, 512, 1)
     try:
@@ -172,7 +172,7 @@ def test_chat_without_template_falls_back_to_mixtral_instruct(plain_gguf):
 
 def test_chat_sigint_stops_only_the_answer(chat_gguf, expected, asked):
     """A real SIGINT during the first answer (sent by the first streamed piece) ends that answer only."""
-    from mc2gguf.interactive import run_chat
+    from mc2gguf.llama.interactive import run_chat
 
     class Interrupting(io.StringIO):
         def write(self, text):
@@ -411,7 +411,7 @@ def chat_once(model: Path, *args) -> subprocess.CompletedProcess:
 
 def test_chat_odp_switches(chat_gguf, odp_gguf, capsys, llama_build):
     """--moe-prune/--moe-protect reach llama.cpp where the build has ODP, and are refused clearly otherwise."""
-    from mc2gguf.llama_runtime import bindings
+    from mc2gguf.llama.runtime import bindings
 
     lib = bindings().llama_cpp._lib
     if not (hasattr(lib, "llama_set_moe_prune") and hasattr(lib, "llama_set_moe_protect_ratio")):
@@ -428,7 +428,7 @@ def test_chat_odp_switches(chat_gguf, odp_gguf, capsys, llama_build):
 
 
 def test_serve_odp_switches(odp_gguf, capsys, llama_build, server):
-    from mc2gguf.interactive import _server_help
+    from mc2gguf.llama.interactive import _server_help
 
     if "--moe-prune" not in _server_help(llama_build.binary("llama-server")):
         assert main(["serve", str(odp_gguf), "--moe-protect", "0.1", "--port", str(free_port())]) == 1
@@ -464,7 +464,7 @@ def test_llama_cli_reports_pruned_slots(odp_gguf, llama_build):
 
 
 def test_serve_passes_odp_switches_when_llama_server_lists_them(monkeypatch, tmp_path):
-    from mc2gguf import interactive
+    from mc2gguf.llama import interactive
 
     monkeypatch.setattr(interactive, "_server_help", lambda server: "--moe-prune [on|off] ...\n--moe-protect RATIO ...")
     assert interactive._odp_server_args(tmp_path, True, 0.02) == ["--moe-prune", "on", "--moe-protect", "0.02"]

@@ -11,14 +11,14 @@ from gguf import GGUFReader
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mc2gguf.allocate import uniform_plan
+from mc2gguf.quant.plan import uniform_plan
 from mc2gguf.archs import adapter_for
 from mc2gguf.checkpoint import Checkpoint
 from mc2gguf.convert import convert
-from mc2gguf.gguf_in import dequantized_checkpoint
-from mc2gguf.gguf_out import read_metadata
-from mc2gguf.llama_runtime import llama_logits
-from mc2gguf.qtypes import QUANT_TYPES, quant_type
+from mc2gguf.gguf.reader import dequantized_checkpoint
+from mc2gguf.gguf.writer import read_metadata
+from mc2gguf.llama.runtime import llama_logits
+from mc2gguf.quant.types import QUANT_TYPES, quant_type
 
 PROMPT = "Once upon a time there was a little dog who liked to play in the park with a red ball."
 

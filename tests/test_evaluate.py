@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mc2gguf import evaluate as ev
+from mc2gguf.archs import blocks
 from mc2gguf import odp
 from mc2gguf.cli import main
 from mc2gguf.errors import Mc2ggufError
@@ -180,8 +181,8 @@ def test_queries_keys_are_those_of_the_attention(model, windows):
     with torch.inference_mode():
         h = a.embed(windows.inputs[0].view(1, -1))
         h = a.layer_forward(model.layers[0], h)
-        q, k = model.queries_keys(layer, h)
-        x = a._rms_norm(h, layer.tensors["input_norm"])
+        q, k = model.adapter.queries_keys(layer, h)
+        x = blocks.rms_norm(h, layer.tensors["input_norm"], a.rms_eps)
         v = (x @ layer.tensors["v"].T).view(1, -1, a.n_head_kv, a.head_dim).transpose(1, 2)[0]
         rep = q.shape[0] // k.shape[0]
         s = q @ k.repeat_interleave(rep, 0).transpose(1, 2) / math.sqrt(q.shape[-1])
@@ -213,7 +214,7 @@ def reference_pruned_run(model, tokens, cfg):
     with torch.inference_mode():
         h = a.embed(tokens.view(1, -1))
         for i, layer in enumerate(model.layers):
-            q, k = model.queries_keys(layer, h)
+            q, k = model.adapter.queries_keys(layer, h)
             h = a.attention_block(layer, h)
             x = a.moe_input(layer, h)[0]
             logits = x @ layer.tensors["router"].T
@@ -267,7 +268,7 @@ def test_protection_lowers_the_skip_ratio(model, windows):
 
 
 def test_calibrated_mu_is_calibrate_mu_of_the_collected_ratios(model):
-    from mc2gguf.calib_data import load_calibration
+    from mc2gguf.text import load_calibration
 
     cal = ev.calibrate_odp(model, [C4], 0.05, nsamples=3, seqlen=CTX, seed=7)
     tokens = load_calibration(model.model_dir, [C4], 3, CTX, 7).tokens
@@ -305,7 +306,7 @@ def test_equal_skip_interpolation():
 @pytest.fixture(scope="module")
 def converted(tiny_mixtral, tmp_path_factory):
     from mc2gguf.convert import convert
-    from mc2gguf.qtypes import quant_type
+    from mc2gguf.quant.types import quant_type
 
     out = tmp_path_factory.mktemp("gguf")
     return {t: convert(tiny_mixtral, out / f"{t}.gguf", quant_type(t)).out for t in ("F16", "Q8_0")}

@@ -1,4 +1,4 @@
-"""GPTQ onto the GGUF types' own grids (``mc2gguf.gptq``).
+"""GPTQ onto the GGUF types' own grids (``mc2gguf.quant.gptq``).
 
 A small random layer with a realistic Hessian (correlated input features, a few channels of large variance):
 GPTQ must beat round-to-nearest on the same grid in Hessian-weighted output error, with act_order on and off,
@@ -15,9 +15,9 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 
 from mc2gguf.errors import Mc2ggufError
-from mc2gguf.gptq import GPTQResult, gptq_quantize, output_error, rtn_quantize
-from mc2gguf.qtypes import QUANT_TYPES, Packer
-from mc2gguf.quant import dequantize
+from mc2gguf.quant.gptq import GPTQResult, gptq_quantize, output_error, rtn_quantize
+from mc2gguf.quant.types import QUANT_TYPES, Packer
+from mc2gguf.quant.codec import dequantize
 
 ROWS, COLS, TOKENS = 32, 512, 2048
 GRID_TYPES = [n for n, t in QUANT_TYPES.items() if t.packer is Packer.GRID]

@@ -12,8 +12,8 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 
 from mc2gguf.errors import Mc2ggufError
-from mc2gguf.qtypes import QUANT_TYPES
-from mc2gguf.quant import GRID_FORMATS, dequantize, quantize
+from mc2gguf.quant.types import QUANT_TYPES
+from mc2gguf.quant.codec import GRID_FORMATS, dequantize, quantize
 from mc2gguf.quant.kquants import KQUANT_FORMATS, KQuantFormat
 
 NAMES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -30,7 +30,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def ggml():
-    from mc2gguf.llama_build import find_llama_build
+    from mc2gguf.llama.build import find_llama_build
     from mc2gguf.quant.ggml_lib import ggml_quantize
 
     try:

@@ -15,9 +15,9 @@ import torch
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from mc2gguf.convert import convert
-from mc2gguf.gguf_out import KeyValue, read_metadata
-from mc2gguf.llama_runtime import eval_tokens
-from mc2gguf.qtypes import quant_type
+from mc2gguf.gguf.writer import KeyValue, read_metadata
+from mc2gguf.llama.runtime import eval_tokens
+from mc2gguf.quant.types import quant_type
 
 N_LAYER, N_EXPERT, N_VOCAB = 2, 4, 512
 F32, I32, ARRAY = GGUFValueType.FLOAT32, GGUFValueType.INT32, GGUFValueType.ARRAY
@@ -74,7 +74,7 @@ def odp_kv(mu, norm, ratio=0.02, quantiles=None) -> list[KeyValue]:
 
 def merged_experts(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` dequantized, type groups merged back into ``blk.L.ffn_P_exps.weight``."""
-    from mc2gguf.gguf_in import read_tensor
+    from mc2gguf.gguf.reader import read_tensor
 
     reader = GGUFReader(path)
     out = {}
@@ -211,7 +211,7 @@ def odp_file(mixed, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def unpatched_build():
     """The pinned llama.cpp without any patch (libraries only; built once, cached)."""
-    from mc2gguf.llama_build import BuildConfig, build_llama
+    from mc2gguf.llama.build import BuildConfig, build_llama
 
     return build_llama(BuildConfig.unpatched())
 
@@ -219,7 +219,7 @@ def unpatched_build():
 def unpatched_logits(build, path: Path, tokens: list[int], tmp: Path) -> np.ndarray:
     out = tmp / "unpatched.npy"
     proc = run_in_subprocess(build.root, (
-        "import numpy as np; from mc2gguf.llama_runtime import eval_tokens; "
+        "import numpy as np; from mc2gguf.llama.runtime import eval_tokens; "
         f"np.save({str(out)!r}, eval_tokens({str(path)!r}, {tokens!r})['logits'])"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(out)
@@ -249,7 +249,7 @@ def test_pruning_off_bit_identical_to_unpatched(uniform, unpatched_build, tmp_pa
 
 def test_unpatched_refuses_type_groups(grouped, unpatched_build):
     proc = run_in_subprocess(unpatched_build.root, (
-        "from mc2gguf.llama_runtime import eval_tokens; "
+        "from mc2gguf.llama.runtime import eval_tokens; "
         f"eval_tokens({str(grouped)!r}, [1, 2, 3])"))
     assert proc.returncode != 0
     # "check_tensor_dims: tensor 'blk.0.ffn_down_exps.weight' not found" (gate is optional in the stock loader)
@@ -432,7 +432,7 @@ MALFORMED = {
 
 def _load_error(path: Path) -> str:
     proc = run_in_subprocess(None, (
-        "from mc2gguf.llama_runtime import eval_tokens; "
+        "from mc2gguf.llama.runtime import eval_tokens; "
         f"eval_tokens({str(path)!r}, [1, 2, 3])"))
     assert proc.returncode != 0, "the file was accepted"
     return proc.stderr

@@ -25,8 +25,8 @@ CHILD = textwrap.dedent("""
     import resource, sys
     from pathlib import Path
     from mc2gguf.convert import convert
-    from mc2gguf.qtypes import quant_type
-    from mc2gguf.upstream import upstream_metadata
+    from mc2gguf.quant.types import quant_type
+    from mc2gguf.gguf.upstream import upstream_metadata
 
     src, out, cap = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     upstream_metadata(src)  # runs llama.cpp's converter in a subprocess; cached for convert() below
@@ -58,7 +58,7 @@ PMQ_GPTQ_BYTES = 3 * 8 * 1024 * 1024
 PMQ_CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from mc2gguf.calib_data import load_calibration
+    from mc2gguf.text import load_calibration
     from mc2gguf.cli import main
 
     status = lambda key: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -15,8 +15,8 @@ import pytest
 from gguf import GGUFReader
 
 from mc2gguf.cli import main
-from mc2gguf.gguf_in import read_tensor
-from mc2gguf.qtypes import quant_type
+from mc2gguf.gguf.reader import read_tensor
+from mc2gguf.quant.types import quant_type
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 C4 = SHARED_DATA / "c4" / "c4-sample.jsonl"
@@ -51,7 +51,7 @@ def test_bpw_budget_is_met_and_types_differ(tiny_mixtral, tmp_path, llama_build)
     assert "files: c4-sample.jsonl" in fields["mc2gguf.calibration.source"].contents()
     assert fields["mc2gguf.calibration.n_tokens"].contents() == 4 * 64
     assert out.with_name(out.name + ".report.png").stat().st_size > 10_000
-    from mc2gguf.inspect_gguf import summarize
+    from mc2gguf.gguf.inspect import summarize
 
     summary = summarize(out)  # per-expert types, as inspect shows them, match the report
     for layer in range(2):
@@ -82,7 +82,7 @@ def test_size_budget_gives_a_file_within_the_size(tiny_mixtral, tmp_path):
 
 
 def test_stock_layout_runs_in_unpatched_llama_cpp_layout(tiny_mixtral, tmp_path, llama_build):
-    from mc2gguf.llama_runtime import llama_logits
+    from mc2gguf.llama.runtime import llama_logits
 
     out = tmp_path / "m.gguf"
     assert _convert(tiny_mixtral, out, "--bpw", "3.2", "--palette", K_LADDER, "--eps-method", "rtn",
@@ -98,7 +98,7 @@ def test_stock_layout_runs_in_unpatched_llama_cpp_layout(tiny_mixtral, tmp_path,
 def test_eps_decreases_with_bits_for_every_expert(tiny_mixtral, tmp_path):
     out = tmp_path / "m.gguf"
     assert _convert(tiny_mixtral, out, "--bpw", "4", "--palette", K_LADDER, "--dry-run") == 0
-    from mc2gguf.workdir import WorkDir  # noqa: F401  (the dry run keeps its measurements)
+    from mc2gguf.pmq.traversal import WorkDir  # noqa: F401  (the dry run keeps its measurements)
 
     records = [p for p in (tmp_path / "m.gguf.mc2gguf-work" / "measure").glob("layer-*.pt")]
     assert len(records) == 2
@@ -169,7 +169,7 @@ def test_measurements_serve_other_budgets(tiny_mixtral, tmp_path, monkeypatch):
     """A --work-dir keeps the measurements (and the eps stage's GPTQ bytes, and the non-expert tensors' bytes): a
     second budget from it measures and quantizes nothing again, and its file is byte-identical to a conversion
     that measured and quantized from scratch."""
-    import mc2gguf.pmq
+    import mc2gguf.pmq.measure
 
     work = tmp_path / "work"
     fast = ["--palette", "Q3_K,Q4_K,Q6_K", "--eps-tokens", "64"]
@@ -183,7 +183,7 @@ def test_measurements_serve_other_budgets(tiny_mixtral, tmp_path, monkeypatch):
     assert _convert(tiny_mixtral, tmp_path / "b.gguf", "--bpw", "5", *fast, "--work-dir", str(work)) == 0
     assert {p: p.stat().st_mtime_ns for p in records} == measured
     assert not (work / "quantize").exists()
-    monkeypatch.setattr(mc2gguf.pmq, "_keeps_candidates", lambda *args: False)
+    monkeypatch.setattr(mc2gguf.pmq.measure, "keeps_candidates", lambda *args: False)
     assert _convert(tiny_mixtral, tmp_path / "c.gguf", "--bpw", "5", *fast) == 0
     assert not (tmp_path / "c.gguf.mc2gguf-work").exists()
     assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "c.gguf").read_bytes()
@@ -195,10 +195,10 @@ def test_written_experts_dequantize_to_what_gptq_produced(tiny_mixtral, tmp_path
     import torch
 
     from mc2gguf.archs import adapter_for
-    from mc2gguf.calib_data import load_calibration
-    from mc2gguf.calibrate import calibrate_layer
+    from mc2gguf.text import load_calibration
+    from mc2gguf.pmq.calibrate import calibrate_layer
     from mc2gguf.checkpoint import Checkpoint
-    from mc2gguf.gptq import gptq_quantize
+    from mc2gguf.quant.gptq import gptq_quantize
 
     out = tmp_path / "m.gguf"
     assert _convert(tiny_mixtral, out, "--bpw", "3", "--palette", K_LADDER, "--eps-method", "rtn") == 0

@@ -1,4 +1,4 @@
-"""Generic tests of the packers, over every type of ``mc2gguf.qtypes.QUANT_TYPES``.
+"""Generic tests of the packers, over every type of ``mc2gguf.quant.types.QUANT_TYPES``.
 
 The reference is gguf-py's dequantizer (what the written bytes mean to llama.cpp) and ggml's own quantizer
 from the pinned llama.cpp build (what our scalar-grid quantizers must match or beat).
@@ -11,8 +11,8 @@ import pytest
 import torch
 from gguf.quants import dequantize as gguf_dequantize
 
-from mc2gguf.qtypes import QUANT_TYPES, Packer, QuantType, fallback_type
-from mc2gguf.quant import GRID_FORMATS, dequantize, quantize
+from mc2gguf.quant.types import QUANT_TYPES, Packer, QuantType, fallback_type
+from mc2gguf.quant.codec import GRID_FORMATS, dequantize, quantize
 from mc2gguf.quant.grid import BlockScales, GridFormat, search_symmetric_scale
 
 ROWS, COLS = 32, 512

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mc2gguf import reference_moe as R
+from mc2gguf import reference as R
+from mc2gguf.archs import blocks
 from mc2gguf.errors import Mc2ggufError
-
-C4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4" / "c4-sample.jsonl"
+from mc2gguf.paths import C4_SAMPLE as C4
 SMALL = dict(n_tokens=1024, seq_len=256, expert_width=256, n_layers=2, evaluate=False, progress=False)
 BUILD_PARAMS = {k: v for k, v in SMALL.items() if k not in ("evaluate", "progress")}
 
@@ -50,19 +50,19 @@ def built_fp32(tmp_path_factory, calib_file) -> R.ReferenceMoE:
 
 
 def test_dense_loader_matches_transformers_llama(dense2):
-    """The GGUF loader (dequantization, un-permuted q/k rows) and the builder's functional forward agree
-    with transformers' Llama on the same weights; the logits are far from uniform (real weights)."""
+    """The GGUF loader (dequantization, un-permuted q/k rows) and the builder's functional forward (the
+    shared blocks) agree with transformers' Llama on the same weights; the logits are far from uniform (real
+    weights)."""
     tokens = torch.tensor([[19556, 905, 28, 540, 314, 253, 1345, 30, 378, 6012, 314, 2134, 30]])
     c = dense2.config
     with torch.no_grad():
         ref = R.dense_llama(dense2)(tokens).logits
-        rope = R.rope_tables(c, tokens.shape[1])
         h = dense2.embed[tokens]
         for layer in dense2.layers:
-            h = h + R.attention(c, layer, R.rms_norm(h, layer["input_layernorm"], c.eps), rope)
-            x = R.rms_norm(h, layer["post_attention_layernorm"], c.eps)
-            h = h + R.swiglu_acts(x, layer["gate_proj"], layer["up_proj"]) @ layer["down_proj"].T
-        own = R.rms_norm(h, dense2.norm, c.eps) @ dense2.embed.T
+            h = h + R.self_attention(c, layer, h)
+            x = blocks.rms_norm(h, layer["post_norm"], c.eps)
+            h = h + blocks.swiglu(x, layer["gate"], layer["up"]) @ layer["down"].T
+        own = blocks.rms_norm(h, dense2.norm, c.eps) @ dense2.embed.T
     assert (own - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert ref.std(dim=-1).min() > 1.0
 
@@ -80,7 +80,7 @@ def test_padding_is_function_preserving(dense2):
     # the padding heads really are zero, and every original head kept its GQA group
     q = padded.model.layers[0].self_attn.q_proj.weight.view(12, 64, 768)
     assert [int(h.abs().sum() == 0) for h in q] == [0, 0, 0, 1] * 3
-    orig = dense2.layers[0]["q_proj"].view(9, 64, 576)
+    orig = dense2.layers[0]["q"].view(9, 64, 576)
     assert torch.equal(q[4, :, :576], orig[3]) and torch.equal(q[10, :, :576], orig[8])
     o = padded.model.layers[0].self_attn.o_proj.weight.view(768, 12, 64)
     assert not o[:, 3::4].any() and not o[576:].any()
@@ -88,11 +88,14 @@ def test_padding_is_function_preserving(dense2):
 
 @pytest.mark.parametrize("ratio", [0.6, 0.3])
 def test_router_median_ratio(dense2, ratio):
-    x = R.rms_norm(dense2.embed[torch.arange(1000, 5001)], dense2.layers[0]["post_attention_layernorm"],
-                   dense2.config.eps)
+    x = blocks.rms_norm(dense2.embed[torch.arange(1000, 5001)], dense2.layers[0]["post_norm"], dense2.config.eps)
     router = R.fit_router(x, 8, ratio, 25, torch.Generator().manual_seed(0))
-    _, weights = R.route(x, router, 2)
+    ids, weights = R.routing(x, router, 2)
     assert float((weights[:, 1] / weights[:, 0]).median()) == pytest.approx(ratio, abs=2e-3)
+    # ODP's rule with mu = 0 is Mixtral's softmax, top-2, renormalised, up to rounding
+    top = torch.softmax(x @ router.T, dim=-1).topk(2, dim=-1)
+    assert torch.equal(ids, top.indices)
+    assert torch.allclose(weights, top.values / top.values.sum(-1, keepdim=True), rtol=0, atol=1e-6)
     assert torch.allclose(router.norm(dim=1), router.norm(dim=1)[0].expand(8))  # scaled unit centroids
     with pytest.raises(Mc2ggufError):
         R.fit_router(x, 8, 1.0, 25, torch.Generator().manual_seed(0))
@@ -173,8 +176,8 @@ def test_export_loads_as_mixtral_and_matches_builder(built_fp32, dense2, calib_f
         down, gate_up = layer.mlp.experts.down_proj, layer.mlp.experts.gate_up_proj  # [8, 768, 256], [8, 512, 768]
         assert torch.equal(down[:, :576], moe.down) and not down[:, 576:].any()
         for k in range(8):
-            assert torch.equal(gate_up[k, :256, :576], dense2.layers[i]["gate_proj"][moe.neurons[k]])
-            assert torch.equal(gate_up[k, 256:, :576], dense2.layers[i]["up_proj"][moe.neurons[k]])
+            assert torch.equal(gate_up[k, :256, :576], dense2.layers[i]["gate"][moe.neurons[k]])
+            assert torch.equal(gate_up[k, 256:, :576], dense2.layers[i]["up"][moe.neurons[k]])
 
 
 def test_build_is_cached_and_bf16(built_fp32, calib_file, tmp_path):

@@ -15,9 +15,9 @@ sys.path.insert(0, "tests")
 from test_llama_moe import odp_kv, random_tokens, rewrite  # noqa: E402
 
 from mc2gguf.convert import convert  # noqa: E402
-from mc2gguf.llama_runtime import eval_tokens  # noqa: E402
+from mc2gguf.llama.runtime import eval_tokens  # noqa: E402
 from mc2gguf.odp import calibrate_mu, top2_ratios  # noqa: E402
-from mc2gguf.qtypes import quant_type  # noqa: E402
+from mc2gguf.quant.types import quant_type  # noqa: E402
 from mc2gguf.testmodel import TinyMixtralConfig, build_tiny_mixtral  # noqa: E402
 
 work = Path("/tmp/speed"); work.mkdir(exist_ok=True)

@@ -6,7 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MC2GGUF_LLAMA_BUILD=$PWD/.gpubuild/llama MC2GGUF_ODP_BACKEND=torch
 R=$MC2GGUF_LLAMA_BUILD; rm -rf $R/python && cp -r .gpu/python $R/python && date > $R/complete
 # convert needs the pinned source (convert_hf_to_gguf.py) where llama_source() looks for it
-export MC2GGUF_CACHE=/tmp/mc2cache; key=$(python3 -c "from mc2gguf.llama_build import _build_location, BuildConfig; print(_build_location(BuildConfig()).root.name)")
+export MC2GGUF_CACHE=/tmp/mc2cache; key=$(python3 -c "from mc2gguf.llama.build import _build_location, BuildConfig; print(_build_location(BuildConfig()).root.name)")
 mkdir -p $MC2GGUF_CACHE/$key && ln -sfn $R/src $MC2GGUF_CACHE/$key/src
 mkdir -p ../shared/tokenizers && cp -r .gpu/tok512 ../shared/tokenizers/
 B=$R/build/bin

@@ -1,29 +1,57 @@
 """Mixtral (``MixtralForCausalLM``): a Llama decoder whose FFN is a top-k routed mixture of SwiGLU experts.
 
 llama.cpp runs it as architecture ``llama`` with ``expert_count`` set; each layer's experts are stacked
-into 3D tensors ``blk.N.ffn_{gate,up,down}_exps`` (checkpoint ``w1``, ``w3``, ``w2``).
+into 3D tensors ``blk.N.ffn_{gate,up,down}_exps`` (checkpoint ``w1``, ``w3``, ``w2``). Routing: softmax over
+all experts, top-k, the k weights renormalised.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import MODEL_TENSOR
 
 from ..errors import Mc2ggufError
-from . import ArchAdapter, ExpertWeights, LayerWeights, MoEShape, Role, TensorSpec
+from ..gguf.keys import expert_tensor_name, tensor_name
+from . import blocks
+from .base import PROJECTIONS, ArchAdapter, ExpertWeights, LayerWeights, MoEShape, Role, TensorSpec
 
-# GGUF projection name -> checkpoint expert weight name
-EXPERT_PROJECTIONS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+#: An expert projection -> its weight's name in a Mixtral checkpoint.
+CHECKPOINT_PROJECTIONS = {"gate": "w1", "up": "w3", "down": "w2"}
+# Per layer: key in LayerWeights.tensors -> (checkpoint name under model.layers.N, llama.cpp tensor, role)
+_LAYER_TENSORS = {
+    "input_norm": ("input_layernorm", MODEL_TENSOR.ATTN_NORM, Role.NORM),
+    "q": ("self_attn.q_proj", MODEL_TENSOR.ATTN_Q, Role.ATTENTION),
+    "k": ("self_attn.k_proj", MODEL_TENSOR.ATTN_K, Role.ATTENTION),
+    "v": ("self_attn.v_proj", MODEL_TENSOR.ATTN_V, Role.ATTENTION),
+    "o": ("self_attn.o_proj", MODEL_TENSOR.ATTN_OUT, Role.ATTENTION),
+    "post_norm": ("post_attention_layernorm", MODEL_TENSOR.FFN_NORM, Role.NORM),
+    "router": ("block_sparse_moe.gate", MODEL_TENSOR.FFN_GATE_INP, Role.ROUTER),
+}
 
 
-def undo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Hugging Face stores q/k rows in rotate-half order; llama.cpp expects interleaved pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def layer_tensor_name(layer: int, key: str) -> str:
+    """The checkpoint name of a layer's non-expert tensor (``key`` as in ``LayerWeights.tensors``)."""
+    return f"model.layers.{layer}.{_LAYER_TENSORS[key][0]}.weight"
 
 
-def redo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Inverse of ``undo_rope_permute``."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def expert_weight_name(layer: int, expert: int, projection: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{CHECKPOINT_PROJECTIONS[projection]}.weight"
+
+
+def checkpoint_layer_shapes(layer: int, hidden: int, expert_size: int, n_head: int, n_head_kv: int, head_dim: int,
+                            n_experts: int) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor of one decoder layer and its shape (what a Mixtral checkpoint holds)."""
+    shapes = {
+        "input_norm": (hidden,), "q": (n_head * head_dim, hidden), "k": (n_head_kv * head_dim, hidden),
+        "v": (n_head_kv * head_dim, hidden), "o": (hidden, n_head * head_dim), "post_norm": (hidden,),
+        "router": (n_experts, hidden),
+    }
+    out = {layer_tensor_name(layer, key): shape for key, shape in shapes.items()}
+    expert = {"gate": (expert_size, hidden), "up": (expert_size, hidden), "down": (hidden, expert_size)}
+    for e in range(n_experts):
+        out.update({expert_weight_name(layer, e, p): expert[p] for p in ("gate", "down", "up")})
+    return out
 
 
 class MixtralAdapter(ArchAdapter):
@@ -62,95 +90,67 @@ class MixtralAdapter(ArchAdapter):
     def _rope_permuted(self, gguf_name: str, hf_name: str, layer: int, n_head: int) -> TensorSpec:
         ckpt = self.checkpoint
         return TensorSpec(gguf_name, ckpt.shape(hf_name), Role.ATTENTION, layer, (hf_name,),
-                          lambda: undo_rope_permute(ckpt.load(hf_name), n_head),
-                          lambda t: {hf_name: redo_rope_permute(t, n_head)})
+                          lambda: blocks.undo_rope_permute(ckpt.load(hf_name), n_head),
+                          lambda t: {hf_name: blocks.redo_rope_permute(t, n_head)})
 
-    def _experts(self, layer: int, gguf_proj: str) -> TensorSpec:
+    def _experts(self, layer: int, projection: str) -> TensorSpec:
         ckpt = self.checkpoint
-        names = [
-            f"model.layers.{layer}.block_sparse_moe.experts.{e}.{EXPERT_PROJECTIONS[gguf_proj]}.weight"
-            for e in range(self.moe.n_experts)
-        ]
+        names = [expert_weight_name(layer, e, projection) for e in range(self.moe.n_experts)]
         shape = ckpt.shape(names[0])
         for name in names[1:]:
             if ckpt.shape(name) != shape:
                 raise Mc2ggufError(f"{name} has shape {ckpt.shape(name)}, expected {shape} like expert 0")
         return TensorSpec(
-            f"blk.{layer}.{gguf_proj}.weight", (len(names), *shape), Role.EXPERTS, layer, tuple(names),
+            expert_tensor_name(layer, projection), (len(names), *shape), Role.EXPERTS, layer, tuple(names),
             lambda: torch.stack([ckpt.load(n) for n in names]),
-            lambda t: dict(zip(names, t.unbind(0))),
+            lambda t: dict(zip(names, t.unbind(0))), projection,
         )
 
     def tensors(self) -> list[TensorSpec]:
         tied = not self.checkpoint.has("lm_head.weight")  # then upstream writes no output.weight
         # Tied, the embedding matrix is the output projection too and takes the output's type, as in llama.cpp
         # (Q6_K at least): the logits see its error directly.
-        specs = [self._plain("token_embd.weight", "model.embed_tokens.weight", Role.OUTPUT if tied else Role.EMBEDDING,
-                             None)]
+        specs = [self._plain(tensor_name(MODEL_TENSOR.TOKEN_EMBD), "model.embed_tokens.weight",
+                             Role.OUTPUT if tied else Role.EMBEDDING, None)]
+        n_heads = {"q": self.n_head, "k": self.n_head_kv}
         for i in range(self.moe.n_layers):
-            hf = f"model.layers.{i}"
-            specs += [
-                self._plain(f"blk.{i}.attn_norm.weight", f"{hf}.input_layernorm.weight", Role.NORM, i),
-                self._rope_permuted(f"blk.{i}.attn_q.weight", f"{hf}.self_attn.q_proj.weight", i, self.n_head),
-                self._rope_permuted(f"blk.{i}.attn_k.weight", f"{hf}.self_attn.k_proj.weight", i, self.n_head_kv),
-                self._plain(f"blk.{i}.attn_v.weight", f"{hf}.self_attn.v_proj.weight", Role.ATTENTION, i),
-                self._plain(f"blk.{i}.attn_output.weight", f"{hf}.self_attn.o_proj.weight", Role.ATTENTION, i),
-                self._plain(f"blk.{i}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", Role.NORM, i),
-                self._plain(f"blk.{i}.ffn_gate_inp.weight", f"{hf}.block_sparse_moe.gate.weight", Role.ROUTER, i),
-                *(self._experts(i, proj) for proj in EXPERT_PROJECTIONS),
-            ]
-        specs.append(self._plain("output_norm.weight", "model.norm.weight", Role.NORM, None))
+            for key, (_, tensor, role) in _LAYER_TENSORS.items():
+                gguf_name, hf_name = tensor_name(tensor, i), layer_tensor_name(i, key)
+                specs.append(self._rope_permuted(gguf_name, hf_name, i, n_heads[key]) if key in n_heads
+                             else self._plain(gguf_name, hf_name, role, i))
+            # llama.cpp's converter order: gate, down, up
+            specs += [self._experts(i, p) for p in ("gate", "down", "up")]
+        specs.append(self._plain(tensor_name(MODEL_TENSOR.OUTPUT_NORM), "model.norm.weight", Role.NORM, None))
         if not tied:
-            specs.append(self._plain("output.weight", "lm_head.weight", Role.OUTPUT, None))
+            specs.append(self._plain(tensor_name(MODEL_TENSOR.OUTPUT), "lm_head.weight", Role.OUTPUT, None))
         return specs
 
     # --- forward ----------------------------------------------------------------------------------------
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.rms_eps) * weight
-
-    def _rope(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding in Hugging Face's rotate-half layout; ``x`` is ``[B, heads, S, head_dim]``."""
-        seq, dim = x.shape[-2], x.shape[-1]
-        inv_freq = 1.0 / self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
-        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-        rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
-        return x * cos + rotated * sin
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.checkpoint.load("model.embed_tokens.weight"))
 
     def load_layer(self, index: int) -> LayerWeights:
-        hf = f"model.layers.{index}"
-        names = {
-            "input_norm": f"{hf}.input_layernorm.weight",
-            "q": f"{hf}.self_attn.q_proj.weight",
-            "k": f"{hf}.self_attn.k_proj.weight",
-            "v": f"{hf}.self_attn.v_proj.weight",
-            "o": f"{hf}.self_attn.o_proj.weight",
-            "post_norm": f"{hf}.post_attention_layernorm.weight",
-            "router": f"{hf}.block_sparse_moe.gate.weight",
-        }
+        names = {key: layer_tensor_name(index, key) for key in _LAYER_TENSORS}
         tensors = {key: self.checkpoint.load(name) for key, name in names.items()}
-        experts = [
-            ExpertWeights(*(self.checkpoint.load(f"{hf}.block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w3", "w2")))
-            for e in range(self.moe.n_experts)
-        ]
+        experts = [ExpertWeights(*(self.checkpoint.load(expert_weight_name(index, e, p)) for p in PROJECTIONS))
+                   for e in range(self.moe.n_experts)]
         return LayerWeights(index, tensors, experts, {name: key for key, name in names.items()})
 
     def attention_block(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         t = layer.tensors
-        b, s, _ = h.shape
-        x = self._rms_norm(h, t["input_norm"])
-        q = (x @ t["q"].T).view(b, s, self.n_head, self.head_dim).transpose(1, 2)
-        k = (x @ t["k"].T).view(b, s, self.n_head_kv, self.head_dim).transpose(1, 2)
-        v = (x @ t["v"].T).view(b, s, self.n_head_kv, self.head_dim).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(self._rope(q), self._rope(k), v, is_causal=True, enable_gqa=True)
-        return h + attn.transpose(1, 2).reshape(b, s, -1) @ t["o"].T
+        x = blocks.rms_norm(h, t["input_norm"], self.rms_eps)
+        return h + blocks.attention(x, t["q"], t["k"], t["v"], t["o"], self.n_head, self.n_head_kv, self.head_dim,
+                                    self.rope_theta)
+
+    def queries_keys(self, layer: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = layer.tensors
+        x = blocks.rms_norm(h, t["input_norm"], self.rms_eps)
+        q, k = blocks.queries_keys(x, t["q"], t["k"], self.n_head, self.n_head_kv, self.head_dim, self.rope_theta)
+        return q[0], k[0]
 
     def moe_input(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        return self._rms_norm(h, layer.tensors["post_norm"])
+        return blocks.rms_norm(h, layer.tensors["post_norm"], self.rms_eps)
 
     def router_logits(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         return x @ layer.tensors["router"].T
@@ -167,9 +167,9 @@ class MixtralAdapter(ArchAdapter):
         return ids, weights
 
     def expert_activation(self, expert: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x @ expert.gate.T) * (x @ expert.up.T)
+        return blocks.swiglu(x, expert.gate, expert.up)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        h = self._rms_norm(h, self.checkpoint.load("model.norm.weight"))
+        h = blocks.rms_norm(h, self.checkpoint.load("model.norm.weight"), self.rms_eps)
         name = "lm_head.weight" if self.checkpoint.has("lm_head.weight") else "model.embed_tokens.weight"
         return h @ self.checkpoint.load(name).T

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from ..errors import Mc2ggufError
-from ..qtypes import QuantType
+from .types import QuantType
 
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    from ..llama_build import find_llama_build
+    from ..llama.build import find_llama_build
 
     lib = ctypes.CDLL(str(find_llama_build().ggml_library))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t

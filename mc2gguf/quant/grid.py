@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..qtypes import QuantType
+from .types import QuantType
 
 
 @dataclass

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..qtypes import QUANT_TYPES
+from .types import QUANT_TYPES
 from .bits import from_fp16_bytes, pack_bits, pack_nibbles, to_fp16, to_fp16_bytes, unpack_bits, unpack_nibbles
 from .grid import (
     BlockScales, GridFormat, WeightedGroups, safe_inverse, search_affine_scale, search_symmetric_scale, strictly_less,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..qtypes import QUANT_TYPES
+from .types import QUANT_TYPES
 from .bits import from_fp16_bytes, pack_nibbles, to_fp16, to_fp16_bytes, unpack_nibbles
 from .grid import BlockScales, GridFormat, search_affine_scale, search_symmetric_scale
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..qtypes import QUANT_TYPES
+from .types import QUANT_TYPES
 from .bits import from_fp16_bytes, pack_bits, to_fp16, to_fp16_bytes, unpack_bits
 from .grid import BlockScales, GridFormat
 

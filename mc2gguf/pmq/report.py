@@ -59,7 +59,7 @@ def _heatmaps(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .qtypes import quant_type
+    from ..quant.types import quant_type
 
     by_bits = sorted(rows[0]["eps"], key=lambda name: quant_type(name).bits_per_weight)
     reference_type = by_bits[len(by_bits) // 2]

@@ -1,9 +1,10 @@
-"""Calibration text -> ``nsamples x seqlen`` token windows, seeded.
+"""Text -> tokens, for calibration (PMQ, ODP thresholds, the reference-MoE builder) and evaluation.
 
 Files are plain text (documents separated by blank lines or ``<|endoftext|>``) or JSONL with a ``"text"``
-field; several files mix domains. Every document is tokenized with the model's tokenizer (BOS first) and
-the documents are concatenated into one stream, from which ``nsamples`` windows of ``seqlen`` tokens start
-at seeded random positions (as GPTQ's C4 loader does). With no file, the model samples its own text.
+field; several files mix domains. Every document is tokenized with the model's tokenizer (BOS first, or
+followed by a separator token) and the documents are concatenated into one stream, from which ``nsamples``
+windows of ``seqlen`` tokens start at seeded random positions (as GPTQ's C4 loader does). With no file, the
+model samples its own text.
 """
 
 from __future__ import annotations
@@ -58,19 +59,37 @@ def documents(path: Path) -> list[str]:
     return docs
 
 
-def _tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path):
+    """The Hugging Face tokenizer of a model directory."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
         raise Mc2ggufError(f"cannot load the tokenizer of {model_dir}: {e}") from None
 
 
-def _windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
+def token_stream(tokenizer, files: list[Path], separator: int | None = None) -> torch.Tensor:
+    """Every document of ``files`` tokenized and joined: with the tokenizer's special tokens (BOS first), or,
+    with ``separator``, without them and that token after each document."""
+    stream: list[int] = []
+    for path in files:
+        for doc in documents(Path(path)):
+            stream.extend(tokenizer(doc, add_special_tokens=separator is None)["input_ids"])
+            if separator is not None:
+                stream.append(separator)
+    return torch.tensor(stream, dtype=torch.int64)
+
+
+def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str,
+                   overlap: bool = True) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows of ``stream`` at seeded random starts; where the stream holds fewer than
+    ``nsamples * seqlen`` tokens they overlap (with a warning), or, with ``overlap=False``, it is an error."""
     if stream.numel() < seqlen:
         raise Mc2ggufError(f"{what} is too short: {stream.numel()} tokens, need at least --seqlen {seqlen}")
     if stream.numel() < nsamples * seqlen:
+        if not overlap:
+            raise Mc2ggufError(f"{what} holds {stream.numel()} tokens, fewer than the {nsamples * seqlen} asked for")
         print(f"warning: {what} has {stream.numel()} tokens, fewer than {nsamples} x {seqlen}: windows overlap",
               file=sys.stderr)
     generator = torch.Generator().manual_seed(seed)
@@ -81,15 +100,10 @@ def _windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: 
 def load_calibration(model_dir: Path, files: list[Path], nsamples: int, seqlen: int, seed: int) -> CalibrationSet:
     if nsamples < 1 or seqlen < 2:
         raise Mc2ggufError("--nsamples must be >= 1 and --seqlen >= 2")
-    tokenizer = _tokenizer(model_dir)
-    stream = []
-    digests = []
-    for path in files:
-        path = Path(path)
-        for doc in documents(path):
-            stream.extend(tokenizer(doc, add_special_tokens=True)["input_ids"])
-        digests.append(f"{path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})")
-    tokens = _windows(torch.tensor(stream, dtype=torch.int64), nsamples, seqlen, seed, "the calibration text")
+    files = [Path(f) for f in files]
+    stream = token_stream(load_tokenizer(model_dir), files)
+    digests = [f"{path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})" for path in files]
+    tokens = sample_windows(stream, nsamples, seqlen, seed, "the calibration text")
     return CalibrationSet(tokens, "files: " + ", ".join(digests), seed)
 
 
@@ -107,7 +121,7 @@ def self_sampled_calibration(model_dir: Path, nsamples: int, seqlen: int, seed: 
         )
     print(f"note: no --calib given: calibrating on {nsamples} x {seqlen} tokens the model samples itself",
           file=sys.stderr)
-    tokenizer = _tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0

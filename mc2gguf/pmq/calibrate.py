@@ -1,4 +1,4 @@
-"""Stage 2: run the model layer by layer on calibration tokens and measure what PMQ and ODP need.
+"""PMQ's calibration: the model run layer by layer on calibration tokens, measuring what PMQ and ODP need.
 
 Per MoE layer (holding one layer's weights at a time):
 - ``phi_i``: expert i's share of the top-k selections;
@@ -18,10 +18,14 @@ weight 1 for its Hessian and error sample, and to half a selection for ``phi``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .archs import ArchAdapter, LayerWeights
+from ..archs import ArchAdapter, LayerWeights
+from ..text import CalibrationSet, load_calibration, self_sampled_calibration
+from .options import PMQOptions
+from .traversal import WorkDir
 
 NORM_QUANTILES = torch.linspace(0.0, 1.0, 101)
 
@@ -92,7 +96,7 @@ def calibrate_layer(
     h_attn = adapter.attention_block(layer, h)
     x = adapter.moe_input(layer, h_attn).reshape(-1, h.shape[-1])
     routed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    out, ids, weights = adapter.moe_forward(layer, x, lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
+    out, ids, weights = adapter.moe_forward(layer, x, visit=lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
     n_tokens, top_k = ids.shape
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
     experts, phi, mean_weight, unused = [], [], [], []
@@ -125,3 +129,15 @@ def calibrate_layer(
         experts=experts,
     )
     return h_attn + out.reshape(h.shape), calibration
+
+
+def calibration_set(src: Path, opts: PMQOptions, work: WorkDir) -> CalibrationSet:
+    """The calibration windows (``--calib`` text, or text the model samples), kept in the work directory."""
+    if work.has("calib", "tokens"):
+        return work.load("calib", "tokens")
+    if opts.calib:
+        cal = load_calibration(src, list(opts.calib), opts.nsamples, opts.seqlen, opts.seed)
+    else:
+        cal = self_sampled_calibration(src, opts.nsamples, opts.seqlen, opts.seed)
+    work.save("calib", "tokens", cal)
+    return cal

@@ -1,64 +1,14 @@
-"""Stage 3: choose the GGUF type of every tensor.
-
-``uniform_plan`` gives every weight matrix the requested type, with llama.cpp's usual exceptions (norms and
-the router stay F32, the output projection gets at least Q6_K, as llama-quantize does); a type whose
-blocks do not divide a tensor's rows falls back to the nearest type that fits, with a warning.
-"""
+"""PMQ's allocation: one type per allocation unit (an expert, or some of its projections) by integer
+programming (pulp + HiGHS), minimising ``sum phi^alpha w^beta eps^gamma`` under a byte budget."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pulp
 
-from .archs import Role, TensorSpec
-from .errors import Mc2ggufError
-from .qtypes import Packer, QuantType, fallback_type, quant_type
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    spec: TensorSpec
-    qtype: QuantType
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.spec.shape[:-1]) * self.qtype.row_bytes(self.spec.row_length)
-
-
-@dataclass(frozen=True)
-class Plan:
-    tensors: list[TensorPlan]
-    warnings: list[str]
-
-
-def _wanted_type(spec: TensorSpec, requested: QuantType) -> QuantType:
-    if spec.role in (Role.NORM, Role.ROUTER) or len(spec.shape) == 1:
-        return quant_type("F32")
-    if spec.role is Role.OUTPUT and requested.packer is not Packer.FLOAT:
-        q6 = quant_type("Q6_K")
-        return requested if requested.bits_per_weight >= q6.bits_per_weight else q6
-    if spec.role is Role.EMBEDDING and requested.packer is Packer.CODEBOOK:
-        return quant_type("Q4_K")  # no importance data for the embedding rows; llama-quantize does the same
-    return requested
-
-
-def uniform_plan(specs: list[TensorSpec], requested: QuantType) -> Plan:
-    tensors, warnings = [], []
-    for spec in specs:
-        wanted = _wanted_type(spec, requested)
-        chosen = fallback_type(wanted, spec.row_length)
-        if chosen is not wanted:
-            warnings.append(
-                f"{spec.name}: row length {spec.row_length} is not a multiple of {wanted.name}'s block size "
-                f"{wanted.block_size}; using {chosen.name}"
-            )
-        tensors.append(TensorPlan(spec, chosen))
-    return Plan(tensors, warnings)
-
-
-# --- PMQ: one type per allocation unit by integer programming ----------------------------------------------
+from ..errors import Mc2ggufError
+from ..quant.types import QuantType, quant_type
 
 
 @dataclass(frozen=True)
@@ -181,3 +131,52 @@ def _add_per_layer_constraints(problem, units, palette, choice, size, max_expert
         problem += size(members) <= int(max_expert_bytes * share)
         for name in (highest, middle):
             problem += pulp.lpSum(var for (n, t), var in choice.items() if n in members and t == name) >= 1
+
+
+def allocation_units(records: list[dict], shapes: dict[str, tuple[int, int]]) -> list[AllocationUnit]:
+    units = []
+    for rec in records:
+        for (e, projs), eps in sorted(rec["eps"].items()):
+            units.append(AllocationUnit(rec["layer"], e, projs, tuple(shapes[p] for p in projs),
+                                        rec["phi"][e], rec["mean_weight"][e], eps))
+    return units
+
+
+def expert_types(allocation: Allocation, units: list[AllocationUnit]) -> dict[tuple[int, int, str], QuantType]:
+    """``{(layer, expert, projection): type}`` from the allocation of units."""
+    return {(u.layer, u.expert, p): allocation.types[u.key] for u in units for p in u.projections}
+
+
+def allocate(units: list[AllocationUnit], opts, fixed_bytes: int, file_size) -> Allocation:
+    """The allocation under ``opts``' budget: ``--bpw`` over the experts' weights, or ``--size`` for the whole
+    file, whose non-expert tensors take ``fixed_bytes`` and whose exact size is ``file_size(allocation)``."""
+    palette = [quant_type(t) for t in opts.palette]
+    same_type = []
+    if opts.layout == "stock":
+        keys = sorted({(u.layer, u.projections) for u in units})
+        same_type = [[n for n, u in enumerate(units) if (u.layer, u.projections) == k] for k in keys]
+
+    def solve(budget: int) -> Allocation:
+        return solve_allocation(units, palette, budget, opts.objective, opts.per_layer_budget, same_type)
+
+    if opts.bpw is not None:
+        n_weights = sum(u.n_weights for u in units)
+        return solve(int(opts.bpw * n_weights // 8))
+    # --size: the budget of the experts is what the rest of the file leaves; the header changes a little
+    # with the allocation (type groups), so tighten by any excess until the exact file size fits.
+    smallest, largest = reachable_bytes(units, palette)
+    budget = opts.size - fixed_bytes
+    for _ in range(8):
+        try:
+            allocation = solve(budget)
+        except Mc2ggufError:
+            overhead = opts.size - budget
+            raise Mc2ggufError(
+                f"--size {opts.size:,} is infeasible: reachable file sizes are about {smallest + overhead:,} "
+                f"to {largest + overhead:,} bytes with this palette"
+            ) from None
+        excess = file_size(allocation) - opts.size
+        if excess <= 0:
+            return allocation
+        budget -= excess
+    raise Mc2ggufError("could not fit the header overhead into --size")

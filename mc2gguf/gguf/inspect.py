@@ -8,7 +8,8 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
-from .errors import Mc2ggufError
+from ..errors import Mc2ggufError
+from .keys import group_map_base, is_expert_tensor, type_group_tensor
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class FileSummary:
 
     @property
     def expert_tensors(self) -> list[TensorSummary]:
-        return [t for t in self.tensors if "_exps." in t.name]
+        return [t for t in self.tensors if is_expert_tensor(t.name)]
 
     @staticmethod
     def bits_per_weight(tensors: list[TensorSummary]) -> float:
@@ -56,9 +57,9 @@ def summarize(path: Path) -> FileSummary:
     by_name = {t.name: t for t in tensors}
     expert_types = {}
     for key, field in reader.fields.items():
-        if key.startswith("mc2gguf.blk.") and key.endswith(".groups"):
-            base = key.removeprefix("mc2gguf.").removesuffix(".groups")
-            expert_types[base] = [by_name[f"{base}.{g}.weight"].type_name for g in field.contents()]
+        base = group_map_base(key)
+        if base is not None:
+            expert_types[base] = [by_name[type_group_tensor(base, g)].type_name for g in field.contents()]
     return FileSummary(path, arch, path.stat().st_size, tensors, expert_types)
 
 

@@ -11,7 +11,7 @@ from enum import Enum
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from .errors import Mc2ggufError
+from ..errors import Mc2ggufError
 
 
 class Packer(Enum):

@@ -10,21 +10,25 @@ from __future__ import annotations
 import ctypes.util
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Mc2ggufError
+from ..errors import Mc2ggufError
+from ..paths import cache_root
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 
-PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+PATCH_DIR = Path(__file__).resolve().parents[2] / "patches"
 
 TOOL_TARGETS = (
     "llama-cli",
@@ -52,10 +56,6 @@ BASE_CMAKE_FLAGS = (
 )
 CUDA_CMAKE_FLAGS = ("-DGGML_CUDA=ON",)
 DEFAULT_CUDA_ARCHS = "86;89"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MC2GGUF_CACHE", Path.home() / ".cache" / "mc2gguf"))
 
 
 @dataclass(frozen=True)
@@ -130,13 +130,88 @@ class LlamaBuild:
         return self.bin_dir / "libllama.so"
 
 
-def _run(cmd: list[str], log: Path, cwd: Path | None = None, env: dict | None = None) -> None:
+def _note(message: str) -> None:
+    """A progress line on stderr (stdout carries the command's result, e.g. the bin directory)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(line: str) -> None:
+    return None
+
+
+def _pip_line(line: str) -> str | None:
+    """pip's own lines (compact when stdout is not a terminal), indented; blank lines dropped."""
+    return "  " + line if line.strip() else None
+
+
+_MAKE_PROGRESS = re.compile(r"\[\s*(\d+)%\]\s+(.*)")  # Unix Makefiles: "[ 43%] Building CXX object ..."
+_NINJA_PROGRESS = re.compile(r"\[(\d+)/(\d+)\]\s+(.*)")  # Ninja: "[12/345] Building CXX object ..."
+_OBJECT = re.compile(r"Building (?:\w+) object (\S+)")
+
+
+class BuildProgress:
+    """Turns ``cmake --build`` output into a compact progress on stderr: one line each time the percentage
+    rises (the source being compiled), every link and every finished target; compiler output and the
+    other lines only go to the log. Call it with each line; it returns the line to show, or None."""
+
+    def __init__(self) -> None:
+        self.percent = -1
+
+    def __call__(self, line: str) -> str | None:
+        line = line.rstrip()
+        match = _MAKE_PROGRESS.match(line)
+        if match:
+            percent, what = int(match[1]), match[2]
+        else:
+            match = _NINJA_PROGRESS.match(line)
+            if match:
+                percent, what = 100 * int(match[1]) // max(int(match[2]), 1), match[3]
+            else:
+                match = _OBJECT.match(line)  # a single object built with make (the CUDA compile check)
+                return f"  compiling {_source_name(match[1])}" if match else None
+        shown = f"[{percent:3d}%] "
+        obj = _OBJECT.match(what)
+        if obj:
+            if percent <= self.percent:
+                return None
+            self.percent = percent
+            return shown + "compiling " + _source_name(obj[1])
+        self.percent = max(self.percent, percent)
+        if what.startswith("Linking "):
+            return shown + "linking " + Path(what.split()[-1]).name
+        if what.startswith("Built target "):
+            return shown + what[0].lower() + what[1:]
+        return None
+
+
+def _source_name(obj: str) -> str:
+    """``src/CMakeFiles/llama.dir/llama-model.cpp.o`` -> ``llama-model.cpp``."""
+    name = Path(obj).name
+    return name[:-2] if name.endswith(".o") else name
+
+
+def _run(cmd: list[str], log: Path, cwd: Path | None = None, env: dict | None = None,
+         show: Callable[[str], str | None] = _quiet) -> None:
+    """Run ``cmd`` with its output appended to ``log``; ``show`` picks, line by line as they come, what is also
+    printed to stderr. On failure the error carries the last 40 lines of the log."""
     print("+ " + " ".join(str(c) for c in cmd), file=sys.stderr, flush=True)
     with open(log, "ab") as out:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            for raw in proc.stdout:
+                out.write(raw)
+                shown = show(raw.decode(errors="replace").rstrip("\r\n"))
+                if shown is not None:
+                    print(shown, file=sys.stderr, flush=True)
+        except BaseException:  # e.g. KeyboardInterrupt: stop the command, as subprocess.run does
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            returncode = proc.wait()
+    if returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-40:]
-        raise Mc2ggufError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n" + "\n".join(tail))
+        raise Mc2ggufError(f"command failed ({returncode}): {' '.join(map(str, cmd))}\n" + "\n".join(tail))
 
 
 def fetch_sdist() -> Path:
@@ -146,13 +221,16 @@ def fetch_sdist() -> Path:
     if sdist.exists():
         return sdist
     downloads.mkdir(parents=True, exist_ok=True)
+    _note(f"mc2gguf: downloading the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist (llama.cpp's source) "
+          f"into {downloads}")
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp]
-        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0:
-            raise Mc2ggufError(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}:\n{proc.stdout[-2000:]}")
+        try:
+            _run(cmd, Path(tmp) / "pip.log", show=_pip_line)
+        except Mc2ggufError as e:
+            output = str(e).split("\n", 1)[-1]  # the log's tail, without the "command failed" line
+            raise Mc2ggufError(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}:\n{output}") from None
         os.replace(Path(tmp) / sdist.name, sdist)
     return sdist
 
@@ -161,6 +239,8 @@ def _extract_llama_source(sdist: Path, dest: Path) -> None:
     """Extract vendor/llama.cpp from the sdist into dest and check the pinned commit."""
     prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
     head = f"{SDIST_NAME}/.git/modules/vendor/llama.cpp/HEAD"
+    _note(f"mc2gguf: extracting llama.cpp from {sdist.name} into {dest}")
+    start = time.monotonic()
     with tarfile.open(sdist) as tar:
         commit = tar.extractfile(head).read().decode().strip()
         if commit != LLAMA_CPP_COMMIT:
@@ -171,6 +251,7 @@ def _extract_llama_source(sdist: Path, dest: Path) -> None:
                 member.name = member.name[len(prefix):]
                 members.append(member)
         tar.extractall(dest, members=members, filter="data")
+    _note(f"mc2gguf: extracted {len(members)} files in {time.monotonic() - start:.0f} s")
 
 
 def _prepare_source(config: BuildConfig, build: LlamaBuild) -> None:
@@ -180,7 +261,8 @@ def _prepare_source(config: BuildConfig, build: LlamaBuild) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     _extract_llama_source(fetch_sdist(), staging)
-    for patch in config.patches:
+    for i, patch in enumerate(config.patches, 1):
+        _note(f"mc2gguf: applying patch {i}/{len(config.patches)}: {patch.name}")
         _run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], build.root / "patch.log", cwd=staging)
     os.replace(staging, build.source_dir)
 
@@ -209,14 +291,20 @@ def build_llama(config: BuildConfig | None = None, jobs: int | None = None) -> L
     build = _build_location(config)
     if build.stamp.exists():
         return build
+    start = time.monotonic()
+    _note(f"mc2gguf: building the patched llama.cpp in {build.root} (once; later calls find it there)")
     llama_source(config)
     log = build.root / "build.log"
+    _note(f"mc2gguf: configuring with cmake (full output: {log})")
     _run(["cmake", "-S", str(build.source_dir), "-B", str(build.build_dir), *config.cmake_flags()], log)
     jobs = jobs or os.cpu_count() or 1
+    _note(f"mc2gguf: compiling with {jobs} job{'s' if jobs != 1 else ''} (minutes; compiler output: {log})")
     _run(["cmake", "--build", str(build.build_dir), "-j", str(jobs),
-          "--target", *config.targets()], log)
+          "--target", *config.targets()], log, show=BuildProgress())
+    _note("mc2gguf: installing the llama-cpp-python bindings against this build")
     _install_bindings(build, log)
     build.stamp.write_text(" ".join(config.cmake_flags()) + "\n")
+    _note(f"mc2gguf: llama.cpp built in {(time.monotonic() - start) / 60:.1f} min")
     return build
 
 
@@ -269,10 +357,12 @@ def compile_check_cuda(cuda_archs: str = DEFAULT_CUDA_ARCHS, jobs: int | None = 
         # no driver library (a machine without a GPU): only the VMM memory pool links libcuda, and the patch
         # series does not touch it
         flags.append("-DGGML_CUDA_NO_VMM=ON")
+    _note(f"mc2gguf: configuring the CUDA build with cmake (full output: {log})")
     _run(["cmake", "-S", str(source), "-B", str(check_dir), *flags], log)
     units = patched_cuda_units(config.patches)
+    _note(f"mc2gguf: compiling {len(units)} CUDA units for {cuda_archs} (compiler output: {log})")
     _run(["make", "-C", str(check_dir / "ggml" / "src" / "ggml-cuda"), f"-j{jobs or os.cpu_count() or 1}",
-          *(f"{unit}.o" for unit in units)], log)
+          *(f"{unit}.o" for unit in units)], log, show=BuildProgress())
     return units
 
 
@@ -280,13 +370,13 @@ def _install_bindings(build: LlamaBuild, log: Path) -> None:
     """Install llama-cpp-python's Python package next to the build, compiling nothing.
 
     With ``LLAMA_BUILD=OFF`` its CMake project builds no library; at run time ``LLAMA_CPP_LIB_PATH`` points
-    the bindings at this build's ``libllama.so`` (see ``mc2gguf.llama_runtime``), so Python and the
+    the bindings at this build's ``libllama.so`` (see ``mc2gguf.llama.runtime``), so Python and the
     command-line tools run the very same patched library.
     """
     env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
     shutil.rmtree(build.python_dir, ignore_errors=True)
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(build.python_dir),
-          str(fetch_sdist())], log, env=env)
+          str(fetch_sdist())], log, env=env, show=_pip_line)
 
 
 def find_llama_build(config: BuildConfig | None = None) -> LlamaBuild:

@@ -15,9 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import Mc2ggufError
-from .gguf_out import KeyValue, read_metadata
-from .llama_build import cache_root, llama_source
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter, LlamaFileType, size_label
+
+from ..errors import Mc2ggufError
+from .writer import KeyValue, TensorPayload, read_metadata
+from ..paths import cache_root
+from ..llama.build import llama_source
 
 
 def upstream_converter() -> Path:
@@ -61,3 +65,20 @@ def _upstream_metadata(model_dir: Path, files: tuple) -> tuple[KeyValue, ...]:
     except OSError:
         pass  # a cache that cannot be written only costs the next conversion the subprocess
     return metadata
+
+
+def model_metadata(model_dir: Path, arch: str, payloads: list[TensorPayload], file_type: LlamaFileType):
+    """Upstream's key/values, with the two that depend on the written tensors filled in as upstream would."""
+    upstream = upstream_metadata(model_dir)
+    counter = GGUFWriter(None, arch)
+    for p in payloads:
+        counter.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.ggml_type)
+    total, shared, expert, n_experts = counter.get_total_parameter_count()
+    derived = {
+        "general.file_type": KeyValue("general.file_type", int(file_type), GGUFValueType.UINT32),
+        "general.size_label": KeyValue(
+            "general.size_label", size_label(total, shared, expert, n_experts), GGUFValueType.STRING
+        ),
+    }
+    merged = [derived.pop(kv.key, kv) for kv in upstream]
+    return merged + list(derived.values())

@@ -15,11 +15,12 @@ import torch
 from gguf import GGUFReader
 from safetensors.torch import save_file
 
-from . import quant
-from .archs import Role, adapter_for
-from .checkpoint import Checkpoint
-from .errors import Mc2ggufError
-from .qtypes import by_ggml_type
+from ..quant import codec
+from ..archs import Role, adapter_for
+from ..checkpoint import Checkpoint
+from ..errors import Mc2ggufError
+from .layout import type_group_tensor, type_groups_key
+from ..quant.types import by_ggml_type
 
 
 def read_tensor(tensor) -> torch.Tensor:
@@ -29,22 +30,22 @@ def read_tensor(tensor) -> torch.Tensor:
         raise Mc2ggufError(f"{tensor.name}: unsupported tensor type {tensor.tensor_type.name}")
     shape = tuple(int(d) for d in reversed(tensor.shape))
     data = np.asarray(tensor.data).view(np.uint8).reshape(-1, qtype.row_bytes(shape[-1]))
-    return quant.dequantize(data, qtype, shape[-1]).reshape(shape)
+    return codec.dequantize(data, qtype, shape[-1]).reshape(shape)
 
 
 def _expert_groups(reader: GGUFReader, tensors: dict, gguf_path: Path, spec) -> tuple[torch.Tensor, list[str]]:
     """A layer's experts stored as type groups (docs/gguf-layout.md), reassembled in expert order."""
     base = spec.name.removesuffix(".weight")
-    field = reader.fields.get(f"mc2gguf.{base}.groups")
+    field = reader.fields.get(type_groups_key(base))
     if field is None:
         raise Mc2ggufError(f"{gguf_path} has neither {spec.name} nor the type groups of {base}")
     groups = [int(g) for g in field.contents()]
     if len(groups) != spec.shape[0]:
-        raise Mc2ggufError(f"{gguf_path}: mc2gguf.{base}.groups has {len(groups)} entries, "
+        raise Mc2ggufError(f"{gguf_path}: {type_groups_key(base)} has {len(groups)} entries, "
                            f"expected {spec.shape[0]} experts")
     parts = {}
     for g in sorted(set(groups)):
-        name = f"{base}.{g}.weight"
+        name = type_group_tensor(base, g)
         if name not in tensors:
             raise Mc2ggufError(f"{gguf_path} has no tensor {name} (type group {g} of {base})")
         parts[g] = (read_tensor(tensors[name]), tensors[name].tensor_type.name)

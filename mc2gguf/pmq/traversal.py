@@ -1,4 +1,5 @@
-"""Per-layer checkpoints of a long conversion, so an interrupted run resumes where it stopped.
+"""PMQ's layer traversal: the model run one layer at a time, each layer's record checkpointed, so an interrupted
+run resumes where it stopped (as llm-compressor and GPTQModel keep the traversal apart from the algorithm).
 
 Every record is written to a temporary name and renamed, so a kill at any moment leaves either the old
 state or the new one. ``run.json`` holds the fingerprint of everything the result depends on (inputs,
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from .errors import Mc2ggufError
+from ..archs import ArchAdapter
+from ..errors import Mc2ggufError
 
 
 class WorkDir:
@@ -70,3 +73,22 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def layer_pass(adapter: ArchAdapter, tokens: torch.Tensor, work: WorkDir, stage: str, step, desc: str) -> None:
+    """Run ``step(layer_index, h) -> (h_next, record)`` over the layers, checkpointing each one."""
+    n = adapter.moe.n_layers
+    done = [i for i in range(n) if work.has(stage, f"layer-{i:03d}")]
+    start = len(done)
+    if start == n:  # finished before the interruption (its last hidden state is already discarded)
+        return
+    h = work.load(stage, f"hidden-{start - 1:03d}") if start else adapter.embed(tokens)
+    with tqdm(total=n, initial=start, unit="layer", desc=desc, file=sys.stderr) as bar:
+        for i in range(start, n):
+            h, record = step(i, h)
+            work.save(stage, f"hidden-{i:03d}", h)
+            work.save(stage, f"layer-{i:03d}", record)
+            del record  # not held through the next layer's step (a quantized record is a layer's bytes)
+            work.discard(stage, f"hidden-{i - 1:03d}")
+            bar.update()
+    work.discard(stage, f"hidden-{n - 1:03d}")

@@ -7,7 +7,7 @@ import os
 import sys
 from types import ModuleType
 
-from .llama_build import LlamaBuild, find_llama_build
+from .build import LlamaBuild, find_llama_build
 
 
 @functools.cache

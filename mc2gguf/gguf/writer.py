@@ -1,4 +1,4 @@
-"""Stage 5: write the GGUF file, streaming one tensor at a time.
+"""Write a GGUF file, streaming one tensor at a time.
 
 gguf-py's writer is used in its streaming order (tensor infos, header, key/values, tensor info table, then
 each tensor's bytes as soon as it is quantized), so memory holds one tensor at a time. The file is
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-from .errors import Mc2ggufError
+from ..errors import Mc2ggufError
 
 # Added by the writer itself or describing the file rather than the model.
 _WRITER_OWNED_KEYS = ("general.architecture",)

@@ -20,8 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .errors import Mc2ggufError
-from .llama_build import find_llama_build
+from ..errors import Mc2ggufError
+from .build import find_llama_build
 
 _GGUF_MAGIC = b"GGUF"
 _NO_ODP = ("this llama.cpp build lacks ODP support ({what}); rebuild it with `mc2gguf build-llama` (patches "
@@ -51,7 +51,7 @@ def _odp_library(moe_prune: bool | None, moe_protect: float | None):
     """libllama with the ODP switches, checked before a model is loaded; None when no switch is asked for."""
     if moe_prune is None and moe_protect is None:
         return None
-    from .llama_runtime import moe_api
+    from .runtime import moe_api
 
     try:
         return moe_api()
@@ -87,7 +87,7 @@ class ChatSession:
 
     def __init__(self, llm, system: str | None = None, max_tokens: int = 512, temperature: float = 0.8,
                  seed: int | None = None):
-        from .llama_runtime import bindings
+        from .runtime import bindings
 
         llama_cpp = bindings()
         self.llm, self.system, self.max_tokens, self.temperature = llm, system, max_tokens, temperature
@@ -190,7 +190,7 @@ class ChatSession:
 
 
 def load_model(model: Path, n_ctx: int, n_threads: int | None):
-    from .llama_runtime import bindings
+    from .runtime import bindings
 
     llama_cpp = bindings()
     kwargs = {"n_threads": n_threads} if n_threads else {}

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import Mc2ggufError
-from .qtypes import Packer, QuantType
-from .quant import dequantize, grid_format, quantize
-from .quant.grid import BlockScales
+from ..errors import Mc2ggufError
+from .types import Packer, QuantType
+from .codec import dequantize, grid_format, quantize
+from .grid import BlockScales
 
 # Importance (relative to the mean live Hessian diagonal) of a dead column when choosing scales.
 _DEAD_IMPORTANCE = 1e-3
@@ -73,7 +73,7 @@ def output_error(weights: torch.Tensor, dequantized: torch.Tensor, hessian: torc
 
 
 def rtn_quantize(weights: torch.Tensor, hessian: torch.Tensor, qtype: QuantType) -> GPTQResult:
-    """The baseline: round to nearest with ``mc2gguf.quant.quantize``, importance = the Hessian diagonal."""
+    """The baseline: round to nearest with ``mc2gguf.quant.codec.quantize``, importance = the Hessian diagonal."""
     w = torch.as_tensor(weights).detach().float()
     importance = None
     if qtype.packer is not Packer.FLOAT:
@@ -231,7 +231,7 @@ def _cpu(s: BlockScales) -> BlockScales:
 
 
 def _gptq_codebook(w, u, perm, importance, qtype, act_order, block_size):
-    from .quant.ggml_lib import ggml_dequantize, ggml_quantize
+    from .ggml_lib import ggml_dequantize, ggml_quantize
 
     rows, cols = w.shape
     qb = qtype.block_size

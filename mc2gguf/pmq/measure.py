@@ -16,13 +16,19 @@ Both use the type's true block layout and scales, never a nominal bit width.
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import numpy as np
 import torch
 
-from .archs import PROJECTIONS, ArchAdapter, ExpertWeights, LayerWeights
-from .calibrate import LayerCalibration
-from .gptq import GPTQ, rtn_quantize
-from .qtypes import QuantType
+from ..archs import PROJECTIONS, ArchAdapter, ExpertWeights, LayerWeights
+from ..text import CalibrationSet
+from .calibrate import LayerCalibration, calibrate_layer
+from .options import PMQOptions
+from .traversal import WorkDir, layer_pass
+from ..quant.gptq import GPTQ, rtn_quantize
+from ..quant.types import QuantType, quant_type
 
 
 def quantizer(method: str, damp: float = 0.01, act_order: bool = False):
@@ -79,3 +85,44 @@ def measure_eps(
                 err = float(torch.linalg.norm((y - reference) * w[:, None])) / norm
                 eps.setdefault((e, projs), {})[qtype.name] = err
     return eps
+
+
+def keeps_candidates(adapter: ArchAdapter, opts: PMQOptions, palette: list[QuantType], work: WorkDir) -> bool:
+    """Whether the eps stage keeps its packed bytes for quantization: only where they are what it would write
+    (the writer's GPTQ on the same Hessians: not in sequential mode, which calibrates on quantized layers), and
+    only where they fit in half the free disk (every palette type of every expert: 1.3 GB on disk for the
+    reference MoE, well over 100 GB for a Mixtral 8x7B)."""
+    if opts.eps_method != "gptq" or opts.sequential:
+        return False
+    shapes = adapter.expert_shapes().values()
+    per_expert = sum(rows * t.row_bytes(cols) for t in palette if all(t.fits(c) for _, c in shapes) for rows, cols in shapes)
+    return per_expert * adapter.moe.n_experts * adapter.moe.n_layers < shutil.disk_usage(work.path).free // 2
+
+
+def candidates_record(layer: int, qtype: QuantType) -> str:
+    return f"candidates-{layer:03d}-{qtype.name}"
+
+
+def measure_layers(adapter: ArchAdapter, cal: CalibrationSet, opts: PMQOptions, work: WorkDir) -> list[dict]:
+    """Every layer's record: its calibration's significance (phi, w, ODP statistics) and ``eps`` per unit and type."""
+    palette = [quant_type(t) for t in opts.palette]
+    units = unit_projections(opts.granularity, opts.tie_gate_up)
+    quantize = quantizer(opts.eps_method, opts.damp, opts.act_order)
+    keep = keeps_candidates(adapter, opts, palette, work)
+
+    def step(i: int, h: torch.Tensor):
+        layer = adapter.load_layer(i)
+        candidates = {} if keep else None
+        with torch.inference_mode():
+            h, calibration = calibrate_layer(adapter, layer, h, opts.eps_tokens, opts.seed)
+            eps = measure_eps(adapter, layer, calibration, units, palette, quantize, candidates)
+        if keep:  # before the layer's record, which marks the layer done
+            for t in palette:  # one record per type: a file reads back only the types it chose
+                work.save("measure", candidates_record(i, t), candidates.get(t.name, {}))
+        if calibration.unused_experts:
+            print(f"note: layer {i}: no calibration token selects expert(s) {calibration.unused_experts}; "
+                  "they are measured on all of the layer's tokens", file=sys.stderr)
+        return h, {**calibration.significance(), "eps": eps}
+
+    layer_pass(adapter, cal.tokens, work, "measure", step, "measure")
+    return [work.load("measure", f"layer-{i:03d}") for i in range(adapter.moe.n_layers)]
