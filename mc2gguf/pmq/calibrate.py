@@ -4,8 +4,10 @@ Per MoE layer (holding one layer's weights at a time):
 - ``phi_i``: expert i's share of the top-k selections;
 - ``w_i``: its mean (renormalised) routing weight over the tokens that select it, so frequency and weight
   are separate factors of the allocation objective;
-- ``mu``: the median of ``w1/w0`` over tokens (ODP's threshold), and quantiles of the router input's L1
-  norm (ODP's decode-time protection threshold);
+- ODP's statistics: ``mu`` (:func:`mc2gguf.odp.calibrate_mu` of every token's top-2 weight ratio) and the
+  router inputs' L1 norms, from which the decode-time protection threshold is taken
+  (:func:`mc2gguf.odp.calibrate_protect_norm`, for the protected fraction the file is written with) and a
+  101-point quantile table that lets llama.cpp protect another fraction at run time;
 - per expert, Hessians of the inputs of its projections from the tokens routed to it, each token weighted
   by its routing weight squared: the expert's contribution to the layer output is ``w * E(x)``, so this is
   the Hessian of the MoE output error (GPTQ's objective), not of the expert's unweighted output;
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import odp
 from ..archs import ArchAdapter, LayerWeights
 from ..text import CalibrationSet, load_calibration, self_sampled_calibration
 from .options import PMQOptions
@@ -70,6 +73,7 @@ class LayerCalibration:
     phi: list[float]
     mean_weight: list[float]
     mu: float
+    router_norms: torch.Tensor  # [n_tokens] the router inputs' L1 norms, sorted
     router_norm_quantiles: list[float]  # L1 norm of the router input at NORM_QUANTILES
     unused_experts: list[int]
     experts: list[ExpertCalibration]
@@ -78,7 +82,8 @@ class LayerCalibration:
         """What the report and the GGUF metadata keep (everything but the Hessians and samples)."""
         return {
             "layer": self.index, "n_tokens": self.n_tokens, "phi": self.phi, "mean_weight": self.mean_weight,
-            "mu": self.mu, "router_norm_quantiles": self.router_norm_quantiles, "unused_experts": self.unused_experts,
+            "mu": self.mu, "router_norms": self.router_norms, "router_norm_quantiles": self.router_norm_quantiles,
+            "unused_experts": self.unused_experts,
         }
 
 
@@ -96,7 +101,9 @@ def calibrate_layer(
     h_attn = adapter.attention_block(layer, h)
     x = adapter.moe_input(layer, h_attn).reshape(-1, h.shape[-1])
     routed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    out, ids, weights = adapter.moe_forward(layer, x, visit=lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
+    logits = adapter.router_logits(layer, x)
+    out, ids, weights = adapter.moe_forward(layer, x, adapter.route(logits),
+                                            lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
     n_tokens, top_k = ids.shape
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
     experts, phi, mean_weight, unused = [], [], [], []
@@ -117,14 +124,15 @@ def calibrate_layer(
         pick = torch.randperm(xe.shape[0], generator=generator)[:eps_tokens]
         n_routed = 0 if e in unused else xe.shape[0]
         experts.append(ExpertCalibration(n_routed, hessians, xe[pick].clone(), w[pick].clone()))
-    ratio = weights[:, 1] / weights[:, 0] if top_k > 1 else torch.zeros(n_tokens)
+    norms = odp.router_input_norm(x)
     calibration = LayerCalibration(
         index=layer.index,
         n_tokens=n_tokens,
         phi=phi,
         mean_weight=mean_weight,
-        mu=float(ratio.median()),
-        router_norm_quantiles=torch.quantile(x.abs().sum(-1), NORM_QUANTILES).tolist(),
+        mu=odp.calibrate_mu(odp.top2_ratios(logits)) if top_k > 1 else 0.0,
+        router_norms=torch.sort(norms).values,
+        router_norm_quantiles=torch.quantile(norms, NORM_QUANTILES).tolist(),
         unused_experts=unused,
         experts=experts,
     )

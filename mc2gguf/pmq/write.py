@@ -13,9 +13,10 @@ from ..gguf.keys import FORMAT_VERSION, Keys
 from ..gguf.layout import group_map, group_members, type_group_tensor, type_groups_key
 from ..gguf.upstream import model_metadata
 from ..gguf.writer import KeyValue, TensorPayload
+from ..odp import calibrate_protect_norm
+from ..odp.params import finite_threshold
 from ..text import CalibrationSet
 from .allocate import Allocation
-from .calibrate import NORM_QUANTILES
 from .options import PMQOptions
 
 
@@ -50,8 +51,6 @@ def gguf_tensors(adapter: ArchAdapter, types: dict, base_plan) -> tuple[list[Ten
 
 def pmq_metadata(records: list[dict], cal: CalibrationSet, opts: PMQOptions, allocation: Allocation) -> list[KeyValue]:
     f32 = GGUFValueType.FLOAT32
-    q = NORM_QUANTILES.tolist()
-    protect_index = min(range(len(q)), key=lambda k: abs(q[k] - (1.0 - opts.protect_ratio)))
     summary = {
         "palette": list(opts.palette), "objective": asdict(opts.objective), "granularity": opts.granularity,
         "layout": opts.layout, "per_layer_budget": opts.per_layer_budget, "expert_bytes": allocation.expert_bytes,
@@ -60,8 +59,8 @@ def pmq_metadata(records: list[dict], cal: CalibrationSet, opts: PMQOptions, all
     return [
         KeyValue(Keys.VERSION, FORMAT_VERSION, GGUFValueType.UINT32),
         KeyValue(Keys.ODP_MU, [float(r["mu"]) for r in records], GGUFValueType.ARRAY, f32),
-        KeyValue(Keys.ODP_PROTECT_NORM, [float(r["router_norm_quantiles"][protect_index]) for r in records],
-                 GGUFValueType.ARRAY, f32),
+        KeyValue(Keys.ODP_PROTECT_NORM, [finite_threshold(calibrate_protect_norm(r["router_norms"], opts.protect_ratio))
+                                         for r in records], GGUFValueType.ARRAY, f32),
         KeyValue(Keys.ODP_PROTECT_RATIO, float(opts.protect_ratio), f32),
         # Lets llama.cpp protect another fraction of the tokens at run time (--moe-protect).
         KeyValue(Keys.ODP_ROUTER_NORM_QUANTILES, [float(v) for r in records for v in r["router_norm_quantiles"]],
