@@ -1,4 +1,4 @@
-"""Seeded random Mixtral checkpoints, for tests and for the command-line demo.
+"""Seeded random Mixtral and Qwen3-MoE checkpoints, for tests and for the command-line demo.
 
 Hidden and expert sizes are multiples of 256 so every K-quant and codebook type applies. Weights are
 fp16-representable and drawn with a larger spread than transformers' default initialisation so that the logits are far from
@@ -15,9 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .archs import qwen3moe
 from .archs.mixtral import checkpoint_layer_shapes
 from .errors import Mc2ggufError
-from .paths import TOKENIZER_512
+from .paths import SHARED, TOKENIZER_512
+
+#: The 49152-token byte-level BPE tokenizer (SmolLM2's) the Qwen3-MoE test models use.
+BPE_TOKENIZER = SHARED / "tokenizers" / "smollm2-bpe"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,23 @@ def _layer_tensors(i: int, c: TinyMixtralConfig) -> dict[str, tuple[int, ...]]:
                                    c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_local_experts)
 
 
+def _write_shards(out_dir: Path, groups: list[dict[str, tuple[int, ...]]], generator: torch.Generator,
+                  dtype: torch.dtype) -> None:
+    """One safetensors shard per group of seeded random tensors, and the index."""
+    weight_map = {}
+    for k, shapes in enumerate(groups):
+        shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({name: _random(shape, generator, dtype) for name, shape in shapes.items()}, out_dir / shard,
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shapes, shard))
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _globals(vocab: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    return {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+            "lm_head.weight": (vocab, hidden)}
+
+
 def build_tiny_mixtral(
     out_dir: Path,
     tokenizer_model: Path,
@@ -88,22 +109,63 @@ def build_tiny_mixtral(
         architectures=["MixtralForCausalLM"], vocab_size=vocab, tie_word_embeddings=False, bos_token_id=1,
         eos_token_id=2, **asdict(config)
     ).to_json_file(out_dir / "config.json")
-    generator = torch.Generator().manual_seed(seed)
     groups = [_layer_tensors(i, config) for i in range(config.num_hidden_layers)]
-    groups.append({
-        "model.embed_tokens.weight": (vocab, config.hidden_size),
-        "model.norm.weight": (config.hidden_size,),
-        "lm_head.weight": (vocab, config.hidden_size),
-    })
-    weight_map = {}
-    for k, shapes in enumerate(groups):
-        shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({name: _random(shape, generator, dtype) for name, shape in shapes.items()}, out_dir / shard,
-                  metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shapes, shard))
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    groups.append(_globals(vocab, config.hidden_size))
+    _write_shards(out_dir, groups, torch.Generator().manual_seed(seed), dtype)
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
+    return out_dir
+
+
+@dataclass(frozen=True)
+class TinyQwen3MoeConfig:
+    hidden_size: int = 256
+    moe_intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+
+
+def build_tiny_qwen3moe(
+    out_dir: Path,
+    tokenizer_dir: Path = BPE_TOKENIZER,
+    seed: int = 0,
+    config: TinyQwen3MoeConfig = TinyQwen3MoeConfig(),
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a seeded random ``Qwen3MoeForCausalLM`` checkpoint: every layer MoE, top-k renormalised
+    (``norm_topk_prob``), untied head, experts one by one (``mlp.experts.N.{gate,up,down}_proj``, what
+    transformers 5's ``save_pretrained`` writes), one shard per layer plus one for the embeddings and head,
+    and the Hugging Face tokenizer files of ``tokenizer_dir`` (a ``tokenizer.json`` directory)."""
+    from transformers import Qwen3MoeConfig
+
+    tokenizer_dir = Path(tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise Mc2ggufError(f"no tokenizer.json in {tokenizer_dir}")
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = config
+    fields = {k: v for k, v in asdict(c).items() if k != "rope_theta"}
+    Qwen3MoeConfig(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=vocab, tie_word_embeddings=False,
+        intermediate_size=2 * c.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, **fields,
+    ).to_json_file(out_dir / "config.json")
+    groups = [qwen3moe.checkpoint_layer_shapes(i, c.hidden_size, c.moe_intermediate_size, c.num_attention_heads,
+                                               c.num_key_value_heads, c.head_dim, c.num_experts)
+              for i in range(c.num_hidden_layers)]
+    groups.append(_globals(vocab, c.hidden_size))
+    _write_shards(out_dir, groups, torch.Generator().manual_seed(seed), dtype)
+    for f in sorted(tokenizer_dir.iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, out_dir / f.name)
     return out_dir
 
 

@@ -14,7 +14,7 @@ from ..errors import Mc2ggufError
 from .base import PROJECTIONS, ArchAdapter, ExpertWeights, LayerWeights, MoEShape, Role, TensorSpec
 
 #: Hugging Face architecture -> the module and class of its adapter (imported when first used).
-_ADAPTERS = {"MixtralForCausalLM": ("mixtral", "MixtralAdapter")}
+_ADAPTERS = {"MixtralForCausalLM": ("mixtral", "MixtralAdapter"), "Qwen3MoeForCausalLM": ("qwen3moe", "Qwen3MoeAdapter")}
 
 __all__ = ["PROJECTIONS", "ArchAdapter", "ExpertWeights", "LayerWeights", "MoEShape", "Role", "TensorSpec",
            "adapter_for", "supported_architectures"]

@@ -88,6 +88,7 @@ class ArchAdapter:
 
     hf_architectures: tuple[str, ...] = ()
     gguf_architecture: str = ""
+    type_groups_in_llama: bool = False  # the patched llama.cpp reads per-expert type groups for this arch
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint

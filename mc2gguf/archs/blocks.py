@@ -38,19 +38,29 @@ def redo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def queries_keys(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, n_head: int, n_head_kv: int, head_dim: int,
-                 theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-RoPE queries ``[B, heads, S, D]`` and keys ``[B, kv_heads, S, D]`` of the normed ``x`` ``[B, S, H]``."""
+                 theta: float, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                 norm_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE queries ``[B, heads, S, D]`` and keys ``[B, kv_heads, S, D]`` of the normed ``x`` ``[B, S, H]``.
+
+    ``q_norm``/``k_norm`` ``[D]``: an RMSNorm over each head's vector before RoPE (Qwen3's ``q_norm``/``k_norm``,
+    llama.cpp's ``attn_q_norm``/``attn_k_norm``); without them nothing is normed.
+    """
     b, s, _ = x.shape
-    q = (x @ wq.T).view(b, s, n_head, head_dim).transpose(1, 2)
-    k = (x @ wk.T).view(b, s, n_head_kv, head_dim).transpose(1, 2)
-    return rope(q, theta), rope(k, theta)
+    q = (x @ wq.T).view(b, s, n_head, head_dim)
+    k = (x @ wk.T).view(b, s, n_head_kv, head_dim)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, norm_eps)
+    if k_norm is not None:
+        k = rms_norm(k, k_norm, norm_eps)
+    return rope(q.transpose(1, 2), theta), rope(k.transpose(1, 2), theta)
 
 
 def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor, n_head: int,
-              n_head_kv: int, head_dim: int, theta: float) -> torch.Tensor:
-    """Causal grouped-query self-attention of the normed ``x`` ``[B, S, H]`` (the residual not added)."""
+              n_head_kv: int, head_dim: int, theta: float, **qk_norm) -> torch.Tensor:
+    """Causal grouped-query self-attention of the normed ``x`` ``[B, S, H]`` (the residual not added);
+    ``qk_norm``: :func:`queries_keys`' optional per-head norms (``q_norm``, ``k_norm``, ``norm_eps``)."""
     b, s, _ = x.shape
-    q, k = queries_keys(x, wq, wk, n_head, n_head_kv, head_dim, theta)
+    q, k = queries_keys(x, wq, wk, n_head, n_head_kv, head_dim, theta, **qk_norm)
     v = (x @ wv.T).view(b, s, n_head_kv, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return out.transpose(1, 2).reshape(b, s, -1) @ wo.T

@@ -57,6 +57,7 @@ def checkpoint_layer_shapes(layer: int, hidden: int, expert_size: int, n_head: i
 class MixtralAdapter(ArchAdapter):
     hf_architectures = ("MixtralForCausalLM",)
     gguf_architecture = "llama"
+    type_groups_in_llama = True  # patch 0004 wires the type groups into models/llama.cpp
 
     def __init__(self, checkpoint):
         super().__init__(checkpoint)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .keys import group_map_base, type_group_tensor, type_groups_key
-
-__all__ = ["group_map", "group_members", "group_map_base", "type_group_tensor", "type_groups_key"]
+# The names of the group tensors and maps are declared with the other keys (keys.py).
 
 
 def group_map(type_names: Sequence[str]) -> list[int]:

@@ -19,7 +19,7 @@ from ..quant import codec
 from ..archs import Role, adapter_for
 from ..checkpoint import Checkpoint
 from ..errors import Mc2ggufError
-from .layout import type_group_tensor, type_groups_key
+from .keys import type_group_tensor, type_groups_key
 from ..quant.types import by_ggml_type
 
 

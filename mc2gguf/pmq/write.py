@@ -10,7 +10,8 @@ from gguf import GGUFValueType, LlamaFileType
 
 from ..archs import ArchAdapter, Role
 from ..gguf.keys import FORMAT_VERSION, Keys
-from ..gguf.layout import group_map, group_members, type_group_tensor, type_groups_key
+from ..gguf.keys import type_group_tensor, type_groups_key
+from ..gguf.layout import group_map, group_members
 from ..gguf.upstream import model_metadata
 from ..gguf.writer import KeyValue, TensorPayload
 from ..odp import calibrate_protect_norm
