@@ -88,15 +88,25 @@ def test_f16_conversion_equals_upstream_converter(qwen, tmp_path, llama_build):
 
 
 def test_llama_cpp_runs_the_f32_file_like_transformers(qwen, reference, tmp_path, llama_build):
-    from mc2gguf.llama.runtime import llama_logits
+    from mc2gguf.llama.runtime import bindings, llama_logits
 
     tokens, expected = reference
     out = tmp_path / "m.gguf"
     assert main(["convert", str(qwen), str(out), "--type", "F32"]) == 0
+    # llama.cpp's default F16 KV cache rounds keys and values: differences of ~3e-3 here, while the top two of
+    # 49152 random logits can be 2e-3 apart, so the argmax is compared with an F32 cache (differences ~5e-6)
     logits = llama_logits(out, tokens)
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() < 2e-2
-    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+    llm = bindings().Llama(model_path=str(out), n_ctx=64, n_batch=64, logits_all=True, verbose=False,
+                           n_threads=2, type_k=0, type_v=0)  # GGML_TYPE_F32
+    try:
+        llm.eval(tokens)
+        exact = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+    np.testing.assert_allclose(exact, expected, rtol=0, atol=1e-4)
+    assert (exact.argmax(-1) == expected.argmax(-1)).all()
 
 
 def test_adapter_forward_equals_transformers(qwen, reference):
@@ -152,10 +162,11 @@ def test_pmq_stock_layout_runs_in_llama_cpp_and_mixed_is_refused(qwen8, tmp_path
     result = eval_tokens(out, tokens, decode_steps=4)
     assert result["logits"].shape == (len(tokens) + 4, 49152)
     assert np.isfinite(result["logits"]).all()
-    # llama.cpp computes what the file holds: the adapter's forward on the file's dequantized weights (not
-    # exact: llama.cpp rounds activations to 8 bits for the quantized products; a misread layout decorrelates)
+    # llama.cpp computes what the file holds: the adapter's forward on the file's dequantized weights. Not
+    # exact: llama.cpp rounds activations to 8 bits for the Q2_K products and keys/values to F16 (0.957 on
+    # this machine); a misread layout gives a correlation near zero.
     expected = EvalModel(qwen8, out).forward(torch.tensor(tokens)).numpy()
-    assert np.corrcoef(result["logits"][: len(tokens)].ravel(), expected.ravel())[0, 1] > 0.95
+    assert np.corrcoef(result["logits"][: len(tokens)].ravel(), expected.ravel())[0, 1] > 0.9
 
 
 def _config_only(tmp_path, **config):

@@ -53,11 +53,6 @@ def expert_tensor_pattern(layer: int) -> str:
     return rf"blk\.{layer}\.({_EXPS})"
 
 
-def expert_base(name: str) -> str:
-    """``blk.L.ffn_P_exps`` of an expert tensor's name."""
-    return name.removesuffix(".weight")
-
-
 def type_groups_key(base: str) -> str:
     """The per-layer group map of ``base`` (``blk.L.ffn_P_exps``): expert -> group index."""
     return f"mc2gguf.{base}.groups"

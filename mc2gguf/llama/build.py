@@ -125,10 +125,6 @@ class LlamaBuild:
     def ggml_library(self) -> Path:
         return self.bin_dir / "libggml-base.so"
 
-    @property
-    def llama_library(self) -> Path:
-        return self.bin_dir / "libllama.so"
-
 
 def _note(message: str) -> None:
     """A progress line on stderr (stdout carries the command's result, e.g. the bin directory)."""

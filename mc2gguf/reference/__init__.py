@@ -36,9 +36,12 @@ the stamp file are measured on the checkpoint as written: every token of 32 wind
 Modules: ``dense`` (the source model and its tokenizer), ``build`` (the recipe and the builder's forward,
 made of ``mc2gguf.archs.blocks``), ``export`` (padding, Mixtral names and config); this one caches the build.
 
-Builder versions (part of the cache key): 1, the first; 2 computes routing with ODP's rule at ``mu = 0``
-(``exp(l - l_top1) / sum`` over the top 2, the Mixtral adapter's definition) instead of a softmax over all
-experts then top-2 renormalised: the same routing up to rounding, so the built weights differ by rounding.
+Builder versions (part of the cache key): 1, the first; 2 runs the shared forward pieces and computes routing
+with ODP's rule at ``mu = 0`` (``exp(l - l_top1) / sum`` over the top 2, the Mixtral adapter's definition)
+instead of a softmax over all experts then top-2 renormalised: the same routing up to rounding. The build is
+sequential and its discrete choices (k-means assignments, top-2 selections, neuron ranks) flip on such
+rounding, so the two versions are different models of the same recipe: measured on one machine, 653 of the
+932 tensors differ, and WikiText-2 perplexity is 51.79 (version 1) and 51.49 (version 2), dense 24.01.
 """
 
 from __future__ import annotations
