@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .archs import qwen3moe
-from .archs.mixtral import checkpoint_layer_shapes
+from .archs.mixtral import MixtralAdapter
+from .archs.qwen3moe import Qwen3MoeAdapter
 from .errors import Mc2ggufError
 from .paths import SHARED, TOKENIZER_512
 
@@ -66,7 +66,7 @@ def _random(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dty
 
 
 def _layer_tensors(i: int, c: TinyMixtralConfig) -> dict[str, tuple[int, ...]]:
-    return checkpoint_layer_shapes(i, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+    return MixtralAdapter.checkpoint_layer_shapes(i, c.hidden_size, c.intermediate_size, c.num_attention_heads,
                                    c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_local_experts)
 
 
@@ -158,8 +158,9 @@ def build_tiny_qwen3moe(
         intermediate_size=2 * c.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
         norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, **fields,
     ).to_json_file(out_dir / "config.json")
-    groups = [qwen3moe.checkpoint_layer_shapes(i, c.hidden_size, c.moe_intermediate_size, c.num_attention_heads,
-                                               c.num_key_value_heads, c.head_dim, c.num_experts)
+    groups = [Qwen3MoeAdapter.checkpoint_layer_shapes(i, c.hidden_size, c.moe_intermediate_size,
+                                                      c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                                      c.num_experts)
               for i in range(c.num_hidden_layers)]
     groups.append(_globals(vocab, c.hidden_size))
     _write_shards(out_dir, groups, torch.Generator().manual_seed(seed), dtype)

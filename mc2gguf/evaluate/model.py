@@ -107,7 +107,7 @@ class LayerCollector:
 
 
 class EvalModel:
-    """A Mixtral (through its adapter) with all weights in memory, run one token window at a time."""
+    """A model (through its architecture adapter) with all weights in memory, run one token window at a time."""
 
     def __init__(self, model_dir: Path, gguf: Path | None = None):
         self.model_dir = Path(model_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..archs import Role, adapter_for
+from ..archs import Role, adapter_for, type_group_architectures
 from ..checkpoint import Checkpoint
 from ..errors import Mc2ggufError
 from ..gguf.writer import TensorPayload, atomic_output, expected_file_size, write_gguf
@@ -60,7 +60,7 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     adapter = adapter_for(checkpoint)
     if opts.layout == "mixed" and not adapter.type_groups_in_llama:
         raise Mc2ggufError(f"per-expert type groups are read by the patched llama.cpp for "
-                           f"{', '.join(_type_group_architectures())} only; use --layout stock for "
+                           f"{', '.join(type_group_architectures())} only; use --layout stock for "
                            f"{adapter.gguf_architecture}")
     out = Path(out)
     if out.exists() and not force and not dry_run:
@@ -121,18 +121,6 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     else:
         print(f"note: the measurements stay in {root} for conversions to other budgets", file=sys.stderr)
     return PMQResult(out, size, allocation, report)
-
-
-def _type_group_architectures() -> list[str]:
-    """The GGUF architectures whose graph in the patched llama.cpp reads type groups (each registered adapter's
-    ``type_groups_in_llama``)."""
-    import importlib
-
-    from .. import archs
-
-    classes = [getattr(importlib.import_module(f"{archs.__name__}.{module}"), cls)
-               for module, cls in archs._ADAPTERS.values()]
-    return sorted({c.gguf_architecture for c in classes if c.type_groups_in_llama})
 
 
 def _plan_text(units: list[AllocationUnit], allocation: Allocation, size: int) -> str:

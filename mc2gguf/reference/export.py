@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..archs.mixtral import expert_weight_name, layer_tensor_name
+from ..archs.mixtral import MixtralAdapter
 from ..errors import Mc2ggufError
 from .build import PAD_MULTIPLE, BuildParams, MoELayer
 from .dense import ATTENTION_KEYS, DenseConfig, DenseModel
@@ -58,18 +58,18 @@ def pad_attention(c: DenseConfig, layer: dict[str, torch.Tensor], index: int) ->
         "v": _pad(layer["v"], (c.n_kv * hd, p.d)),
         "o": o,
     }
-    return {layer_tensor_name(index, key): w for key, w in padded.items()}
+    return {MixtralAdapter.layer_tensor_name(index, key): w for key, w in padded.items()}
 
 
 def pad_moe(c: DenseConfig, layer: dict[str, torch.Tensor], moe: MoELayer, index: int) -> dict[str, torch.Tensor]:
     """Router and experts of layer ``index``, padded: an expert's gate/up rows are the dense ones."""
     p = PaddedShape.of(c)
     n_experts, width = moe.neurons.shape
-    out = {layer_tensor_name(index, "router"): _pad(moe.router, (n_experts, p.d))}
+    out = {MixtralAdapter.layer_tensor_name(index, "router"): _pad(moe.router, (n_experts, p.d))}
     for k in range(n_experts):
-        out[expert_weight_name(index, k, "gate")] = _pad(layer["gate"][moe.neurons[k]], (width, p.d))
-        out[expert_weight_name(index, k, "down")] = _pad(moe.down[k], (p.d, width))
-        out[expert_weight_name(index, k, "up")] = _pad(layer["up"][moe.neurons[k]], (width, p.d))
+        out[MixtralAdapter.expert_weight_name(index, k, "gate")] = _pad(layer["gate"][moe.neurons[k]], (width, p.d))
+        out[MixtralAdapter.expert_weight_name(index, k, "down")] = _pad(moe.down[k], (p.d, width))
+        out[MixtralAdapter.expert_weight_name(index, k, "up")] = _pad(layer["up"][moe.neurons[k]], (width, p.d))
     return out
 
 
@@ -122,7 +122,7 @@ def dense_llama(dense: DenseModel, padded: bool = False):
         if padded:
             state.update(pad_attention(c, layer, i))
         else:
-            state.update({layer_tensor_name(i, key): layer[key] for key in ATTENTION_KEYS})
+            state.update({MixtralAdapter.layer_tensor_name(i, key): layer[key] for key in ATTENTION_KEYS})
         for proj, shape in (("gate", (c.ffn, d)), ("up", (c.ffn, d)), ("down", (d, c.ffn))):
             state[f"model.layers.{i}.mlp.{proj}_proj.weight"] = _pad(layer[proj], shape) if padded else layer[proj]
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
