@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Byte-identity of two checkouts' outputs (for refactors): PMQ files of a seeded tiny Mixtral (mixed, stock from
-# a shared --work-dir, sequential, one type) and of a reference-MoE directory, written by each checkout, then cmp.
+# a shared --work-dir, sequential, one type) and of a reference-MoE directory, written by each checkout, then cmp;
+# where they differ, benchmarks/compare_gguf.py says which tensors and keys.
 #   benchmarks/same_bytes.sh OLD_CHECKOUT NEW_CHECKOUT REFERENCE_MOE_DIR OUT_DIR
 # Needs `mc2gguf build-llama` (codebook types) and ../shared beside the checkouts. About 10 min per checkout
 # on 2 cores, most of it the reference MoE.
@@ -30,6 +31,7 @@ for side in old new; do
 done
 status=0
 for f in tiny-2.5.gguf tiny-3.0-stock.gguf tiny-seq.gguf tiny-q4k.gguf ref-2.5.gguf; do
-  if cmp "$out/old/$f" "$out/new/$f"; then echo "same bytes: $f"; else status=1; fi
+  if cmp -s "$out/old/$f" "$out/new/$f"; then echo "same bytes: $f"
+  else echo "differ: $f"; python3 "$new/benchmarks/compare_gguf.py" "$out/old/$f" "$out/new/$f"; status=1; fi
 done
 exit $status
