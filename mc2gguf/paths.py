@@ -11,6 +11,8 @@ C4_SAMPLE = SHARED / "data" / "c4" / "c4-sample.jsonl"
 TINYSTORIES = SHARED / "data" / "tinystories" / "tinystories-2MiB.txt"
 WIKITEXT_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TOKENIZER_512 = SHARED / "tokenizers" / "tok512" / "tokenizer.model"
+#: the 49152-token byte-level BPE tokenizer (SmolLM2's) of the Qwen3-MoE test models
+BPE_TOKENIZER = SHARED / "tokenizers" / "smollm2-bpe"
 
 
 def cache_root() -> Path:

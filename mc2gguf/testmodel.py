@@ -18,11 +18,7 @@ from safetensors.torch import save_file
 from .archs.mixtral import MixtralAdapter
 from .archs.qwen3moe import Qwen3MoeAdapter
 from .errors import Mc2ggufError
-from .paths import SHARED, TOKENIZER_512
-
-#: The 49152-token byte-level BPE tokenizer (SmolLM2's) the Qwen3-MoE test models use.
-BPE_TOKENIZER = SHARED / "tokenizers" / "smollm2-bpe"
-
+from .paths import BPE_TOKENIZER, TOKENIZER_512
 
 @dataclass(frozen=True)
 class TinyMixtralConfig:
@@ -65,11 +61,6 @@ def _random(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dty
     return t.half().to(dtype)
 
 
-def _layer_tensors(i: int, c: TinyMixtralConfig) -> dict[str, tuple[int, ...]]:
-    return MixtralAdapter.checkpoint_layer_shapes(i, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                   c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.num_local_experts)
-
-
 def _write_shards(out_dir: Path, groups: list[dict[str, tuple[int, ...]]], generator: torch.Generator,
                   dtype: torch.dtype) -> None:
     """One safetensors shard per group of seeded random tensors, and the index."""
@@ -109,7 +100,11 @@ def build_tiny_mixtral(
         architectures=["MixtralForCausalLM"], vocab_size=vocab, tie_word_embeddings=False, bos_token_id=1,
         eos_token_id=2, **asdict(config)
     ).to_json_file(out_dir / "config.json")
-    groups = [_layer_tensors(i, config) for i in range(config.num_hidden_layers)]
+    c = config
+    groups = [MixtralAdapter.checkpoint_layer_shapes(i, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                                     c.num_key_value_heads, c.hidden_size // c.num_attention_heads,
+                                                     c.num_local_experts)
+              for i in range(c.num_hidden_layers)]
     groups.append(_globals(vocab, config.hidden_size))
     _write_shards(out_dir, groups, torch.Generator().manual_seed(seed), dtype)
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")

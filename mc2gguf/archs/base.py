@@ -103,9 +103,9 @@ class ArchAdapter:
 
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
         """``{projection: (rows, cols)}`` of one routed expert."""
-        first = min(s.layer for s in self.tensors() if s.role is Role.EXPERTS)
-        return {s.projection: tuple(s.shape[1:]) for s in self.tensors()
-                if s.role is Role.EXPERTS and s.layer == first}
+        experts = [s for s in self.tensors() if s.role is Role.EXPERTS]
+        first = min(s.layer for s in experts)
+        return {s.projection: tuple(s.shape[1:]) for s in experts if s.layer == first}
 
     # --- the forward pass, one layer at a time (calibration runs the model through these) -------------
 

@@ -74,7 +74,6 @@ class LayerCalibration:
     mean_weight: list[float]
     mu: float
     router_norms: torch.Tensor  # [n_tokens] the router inputs' L1 norms, sorted
-    router_norm_quantiles: list[float]  # L1 norm of the router input at NORM_QUANTILES
     unused_experts: list[int]
     experts: list[ExpertCalibration]
 
@@ -82,9 +81,13 @@ class LayerCalibration:
         """What the report and the GGUF metadata keep (everything but the Hessians and samples)."""
         return {
             "layer": self.index, "n_tokens": self.n_tokens, "phi": self.phi, "mean_weight": self.mean_weight,
-            "mu": self.mu, "router_norms": self.router_norms, "router_norm_quantiles": self.router_norm_quantiles,
-            "unused_experts": self.unused_experts,
+            "mu": self.mu, "router_norms": self.router_norms, "unused_experts": self.unused_experts,
         }
+
+
+def router_norm_quantiles(router_norms: torch.Tensor) -> list[float]:
+    """The router-input norms at ``NORM_QUANTILES`` (the table that lets llama.cpp protect another fraction)."""
+    return torch.quantile(router_norms, NORM_QUANTILES).tolist()
 
 
 def _weighted_hessian(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,6 @@ def calibrate_layer(
         mean_weight=mean_weight,
         mu=odp.calibrate_mu(odp.top2_ratios(logits)) if top_k > 1 else 0.0,
         router_norms=torch.sort(norms).values,
-        router_norm_quantiles=torch.quantile(norms, NORM_QUANTILES).tolist(),
         unused_experts=unused,
         experts=experts,
     )

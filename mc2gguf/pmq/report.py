@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibrate import router_norm_quantiles
+
 
 def _experts_table(report: dict) -> list[dict]:
     rows = []
@@ -26,7 +28,8 @@ def write_report(out: Path, report: dict) -> tuple[Path, Path]:
     """``OUT.report.json`` and ``OUT.report.png``."""
     rows = _experts_table(report)
     layers = [
-        {k: r[k] for k in ("layer", "n_tokens", "mu", "unused_experts", "router_norm_quantiles")}
+        {**{k: r[k] for k in ("layer", "n_tokens", "mu", "unused_experts")},
+         "router_norm_quantiles": router_norm_quantiles(r["router_norms"])}
         for r in report["records"]
     ]
     allocation = report["allocation"]

@@ -18,6 +18,7 @@ from ..odp import calibrate_protect_norm
 from ..odp.params import finite_threshold
 from ..text import CalibrationSet
 from .allocate import Allocation
+from .calibrate import router_norm_quantiles
 from .options import PMQOptions
 
 
@@ -64,7 +65,7 @@ def pmq_metadata(records: list[dict], cal: CalibrationSet, opts: PMQOptions, all
                                          for r in records], GGUFValueType.ARRAY, f32),
         KeyValue(Keys.ODP_PROTECT_RATIO, float(opts.protect_ratio), f32),
         # Lets llama.cpp protect another fraction of the tokens at run time (--moe-protect).
-        KeyValue(Keys.ODP_ROUTER_NORM_QUANTILES, [float(v) for r in records for v in r["router_norm_quantiles"]],
+        KeyValue(Keys.ODP_ROUTER_NORM_QUANTILES, [v for r in records for v in router_norm_quantiles(r["router_norms"])],
                  GGUFValueType.ARRAY, f32),
         KeyValue(Keys.ALLOCATION, json.dumps(summary, sort_keys=True), GGUFValueType.STRING),
         KeyValue(Keys.CALIBRATION_SOURCE, cal.source, GGUFValueType.STRING),
