@@ -306,43 +306,69 @@ def test_mixed_types_match_reference(mixed, tiny_mixtral, tmp_path):
 # --- (c) ODP in the graph ----------------------------------------------------------------------------------------
 
 CAPTURE = ("ffn_moe_logits", "ffn_moe_topk", "ffn_moe_odp_protect", "ffn_moe_odp_prune", "ffn_moe_odp_ids",
-           "ffn_moe_weights_odp", "ffn_norm")
+           "ffn_moe_odp_pruned", "ffn_moe_weights_odp", "ffn_norm")
 
 
 def _stacked(run: dict, name: str) -> np.ndarray:
     return np.concatenate(run["tensors"][name])
 
 
-def check_decisions(run: dict, mu: list[float], tau: list[float] | None) -> int:
+def llama_tau(quantiles: np.ndarray, ratio: float) -> float:
+    """The protection threshold llama.cpp derives for ``--moe-protect ratio`` (llama_model::moe_odp_protect_norms):
+    the norm quantile at level 1 - ratio, linear between the stored levels, from the float32 ratio."""
+    pos = (1.0 - float(np.float32(ratio))) * 100
+    i0 = min(int(np.floor(pos)), 99)
+    t = pos - i0
+    return float(np.float32((1.0 - t) * float(quantiles[i0]) + t * float(quantiles[i0 + 1])))
+
+
+def fused_protect(router_input: np.ndarray, tau: float) -> np.ndarray:
+    """The protect mask of ggml_moe_prune: ||x||_1 summed in double in order, rounded to float, > tau."""
+    norm = np.cumsum(np.abs(router_input).astype(np.float64), axis=-1)[..., -1].astype(np.float32)
+    return norm > np.float32(tau)
+
+
+def check_decisions(run: dict, mu: list[float], tau: list[float]) -> int:
     """Every layer's ids/weights equal mc2gguf.odp.route on the same logits and protect mask; returns the
-    reference's number of pruned slots."""
+    reference's number of pruned slots. The fused graph (ggml_moe_prune, ``ffn_moe_odp_pruned``: the ids with
+    -1 and the running count) decides protection inside the op, which is recomputed here exactly; the graph
+    of ordinary ops exposes its protect and pruning masks."""
     from mc2gguf.odp import route
 
     n_pruned = 0
+    count_before = 0
     for il in range(N_LAYER):
         logits = torch.from_numpy(_stacked(run, f"ffn_moe_logits-{il}"))  # [T, E]
-        prot = torch.from_numpy(_stacked(run, f"ffn_moe_odp_protect-{il}")).reshape(-1)
-        # the ids after pruning: the selected experts with -1 where the graph's pruning mask is 1 (the graph's
-        # own tensor of these ids exists only where a projection is one stock tensor: grouped projections
-        # look their ids up from the selected experts and the mask)
-        prune = _stacked(run, f"ffn_moe_odp_prune-{il}").reshape(-1)
-        assert set(np.unique(prune)) <= {0.0, 1.0}
-        ids = _stacked(run, f"ffn_moe_topk-{il}").copy()  # [T, 2]
-        ids[prune == 1.0, 1] = -1
-        if f"ffn_moe_odp_ids-{il}" in run["tensors"]:
-            assert np.array_equal(_stacked(run, f"ffn_moe_odp_ids-{il}"), ids)
+        if f"ffn_moe_odp_pruned-{il}" in run["tensors"]:
+            pruned = _stacked(run, f"ffn_moe_odp_pruned-{il}")  # [T, 3]
+            ids = pruned[:, :2].copy()
+            prot = torch.from_numpy(fused_protect(_stacked(run, f"ffn_norm-{il}"), tau[il]))
+            count = pruned[:, 2].astype(np.int64)
+            assert np.array_equal(count - count_before, (ids == -1).sum(-1))  # the running count
+            count_before = count
+        else:
+            prot = torch.from_numpy(_stacked(run, f"ffn_moe_odp_protect-{il}")).reshape(-1)
+            assert set(np.unique(prot.numpy())) <= {0.0, 1.0}
+            # the ids after pruning: the selected experts with -1 where the graph's pruning mask is 1 (the
+            # graph's own tensor of these ids exists only where a projection is one stock tensor: grouped
+            # projections look their ids up from the selected experts and the mask)
+            prune = _stacked(run, f"ffn_moe_odp_prune-{il}").reshape(-1)
+            assert set(np.unique(prune)) <= {0.0, 1.0}
+            ids = _stacked(run, f"ffn_moe_topk-{il}").copy()  # [T, 2]
+            ids[prune == 1.0, 1] = -1
+            if f"ffn_moe_odp_ids-{il}" in run["tensors"]:
+                assert np.array_equal(_stacked(run, f"ffn_moe_odp_ids-{il}"), ids)
         weights = np.concatenate([w.reshape(-1, 2) for w in run["tensors"][f"ffn_moe_weights_odp-{il}"]])
-        assert set(np.unique(prot.numpy())) <= {0.0, 1.0}
         ref_ids, ref_w, n = route(logits, 2, mu[il], protect=prot > 0)
         assert np.array_equal(ids, ref_ids.numpy().astype(np.int32)), il
         np.testing.assert_allclose(weights, ref_w.numpy(), rtol=0, atol=2e-6)
         pruned = ids[:, 1] == -1
         assert (weights[pruned, 0] == 1.0).all() and (weights[pruned, 1] == 0.0).all()
         n_pruned += n
-        if tau is not None:  # the protect mask is ||router input||_1 > tau (away from rounding at the boundary)
-            norm = np.abs(_stacked(run, f"ffn_norm-{il}")).astype(np.float64).sum(-1)
-            clear = np.abs(norm - tau[il]) > 1e-5 * max(abs(tau[il]), 1.0)
-            assert np.array_equal((prot.numpy() > 0)[clear], (norm > tau[il])[clear])
+        # the protect mask is ||router input||_1 > tau (away from rounding at the boundary)
+        norm = np.abs(_stacked(run, f"ffn_norm-{il}")).astype(np.float64).sum(-1)
+        clear = np.abs(norm - tau[il]) > 1e-5 * max(abs(tau[il]), 1.0)
+        assert np.array_equal((prot.numpy() > 0)[clear], (norm > tau[il])[clear])
     return n_pruned
 
 
@@ -360,7 +386,7 @@ def test_odp_decisions_equal_reference(odp_file, n_tokens):
     mu, norm, q = _odp_meta(odp_file)
     tokens = random_tokens(n_tokens, seed=10 + n_tokens)
     # the calibrated protect ratio (tau = protect_norm), then 30 % protected (tau = the 0.70 quantile)
-    for ratio, tau in ((None, norm), (0.3, [float(q[il][70]) for il in range(N_LAYER)])):
+    for ratio, tau in ((None, norm), (0.3, [llama_tau(q[il], 0.3) for il in range(N_LAYER)])):
         run = eval_tokens(odp_file, tokens, protect_ratio=ratio, capture=CAPTURE)
         assert run["prune"] is True
         assert np.isfinite(run["logits"]).all()
@@ -377,10 +403,34 @@ def test_odp_across_ubatches_and_decode(odp_file):
     mu, norm, _ = _odp_meta(odp_file)
     run = eval_tokens(odp_file, random_tokens(300, seed=5), n_ubatch=128, decode_steps=6, capture=CAPTURE,
                       flash_attn=True)
-    assert len(run["tensors"]["ffn_moe_odp_prune-0"]) == 3 + 6
+    assert len(run["tensors"]["ffn_moe_weights_odp-0"]) == 3 + 6
     assert np.isfinite(run["logits"]).all()
     assert run["pruned"] == check_decisions(run, mu, norm)
     assert run["routed"] == N_LAYER * (300 + 6) * 2
+
+
+def test_fused_graph_equals_graph_of_ordinary_ops(odp_file, tmp_path):
+    """The fused MoE nodes (MUL_MAT_ID_MULTI for the type groups, MOE_PRUNE and MOE_PRUNE_WEIGHTS) against the
+    graph llama.cpp builds from ordinary ops where a device lacks them (LLAMA_MOE_FUSED=0): the same logits bit
+    for bit and the same counts, in prefill across ubatches and in decode."""
+    tokens = random_tokens(200, seed=12)
+    out = tmp_path / "composed.npz"
+    code = ("import numpy as np; from mc2gguf.llama.runtime import eval_tokens; "
+            f"r = eval_tokens({str(odp_file)!r}, {tokens!r}, n_ubatch=64, decode_steps=4, "
+            "capture=('ffn_moe_odp_pruned', 'ffn_moe_odp_prune')); "
+            f"np.savez({str(out)!r}, logits=r['logits'], pruned=r['pruned'], routed=r['routed'], "
+            "names=np.array(sorted(r['tensors'])))")
+    env = {**os.environ, "LLAMA_MOE_FUSED": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    composed = np.load(out)
+    fused = eval_tokens(odp_file, tokens, n_ubatch=64, decode_steps=4, capture=("ffn_moe_odp_pruned", "ffn_moe_odp_prune"))
+    # each graph is the one asked for
+    assert all(n.startswith("ffn_moe_odp_prune-") for n in composed["names"])
+    assert set(fused["tensors"]) == {f"ffn_moe_odp_pruned-{il}" for il in range(N_LAYER)}
+    assert fused["pruned"] > 0 and fused["pruned"] == int(composed["pruned"])
+    assert fused["routed"] == int(composed["routed"])
+    assert np.array_equal(fused["logits"], composed["logits"])
 
 
 def test_odp_mu_zero_and_full_protection_change_nothing(odp_file, tmp_path):

@@ -40,6 +40,7 @@ TOOL_TARGETS = (
     "llama-bench",
     "test-backend-ops",
     "test-mul-mat-id-skip",
+    "test-moe-fused",
 )
 LIBRARY_TARGETS = ("llama", "ggml", "ggml-base", "ggml-cpu")
 
