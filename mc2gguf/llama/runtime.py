@@ -81,13 +81,15 @@ def _ggml_base(build: LlamaBuild | None = None):
 
 def eval_tokens(model_path, tokens: list[int], *, prune: bool | None = None, protect_ratio: float | None = None,
                 capture: tuple[str, ...] = (), n_threads: int = 2, n_ubatch: int | None = None,
-                decode_steps: int = 0, flash_attn: bool = False, build: LlamaBuild | None = None) -> dict:
-    """Run ``tokens`` through llama.cpp in one batch (all logits), then ``decode_steps`` more single tokens.
+                decode_steps: int = 0, flash_attn: bool = False, all_logits: bool = True,
+                build: LlamaBuild | None = None) -> dict:
+    """Run ``tokens`` through llama.cpp in one batch (all logits, or with ``all_logits=False`` only the last
+    token's, as generation does), then ``decode_steps`` more single tokens.
 
     ``capture`` names graph tensors (without the ``-<layer>`` suffix llama.cpp appends, e.g.
     ``ffn_moe_odp_prune``) whose values are read back with the eval callback: the result's ``tensors`` maps
     ``name-layer`` to the list of arrays, one per graph evaluation (ubatch), each in ggml's shape reversed
-    (numpy order). Also returns ``logits`` (float32 ``[len(tokens) + decode_steps, n_vocab]``) and the
+    (numpy order). Also returns ``logits`` (float32 ``[n_outputs + decode_steps, n_vocab]``) and the
     pruning counters ``routed``/``pruned`` after the run. Flash attention is off unless asked for (as in
     :func:`llama_logits`: on CPU it rounds Q to F16)."""
     import ctypes
@@ -166,11 +168,12 @@ def eval_tokens(model_path, tokens: list[int], *, prune: bool | None = None, pro
                         batch.pos[i] = pos0 + i
                         batch.n_seq_id[i] = 1
                         batch.seq_id[i][0] = 0
-                        batch.logits[i] = 1
+                        batch.logits[i] = all_logits or i == len(chunk) - 1
                     if llama_cpp.llama_decode(ctx, batch) != 0:
                         raise RuntimeError("llama_decode failed")
+                    n_outputs = len(chunk) if all_logits else 1
                     out = llama_cpp.llama_get_logits(ctx)
-                    logits.append(np.ctypeslib.as_array(out, shape=(len(chunk), n_vocab)).copy())
+                    logits.append(np.ctypeslib.as_array(out, shape=(n_outputs, n_vocab)).copy())
                 finally:
                     llama_cpp.llama_batch_free(batch)
 
