@@ -269,14 +269,14 @@ def test_type_groups_equal_one_stock_tensor(uniform, grouped):
 
 
 def test_single_expert_groups(uniform, tmp_path):
+    """Groups of one expert (2D tensors) compute exactly what the stock tensor does. Without repacking: with it,
+    ggml's CPU repacks the stock 3D Q4_K tensor but not a 2D one, whose plain kernel differs by a few ulp, and
+    those flip near-ties of the next layer's router on this random model (0.86 of the tokens within 1e-4 of the
+    largest logit on one CPU, 0.9 or more on another)."""
     tokens = random_tokens(64, seed=3)
     path = rewrite(uniform, tmp_path / "singles.gguf", groups=SPLIT_SINGLES)
-    ours, stock = eval_tokens(path, tokens)["logits"], eval_tokens(uniform, tokens)["logits"]
-    diff = np.abs(ours - stock)
-    # a few ulp everywhere, except where that flips a near-tie of the next layer's router
-    assert np.median(diff) < 1e-6
-    assert (diff.max(-1) < 1e-4 * np.abs(stock).max()).mean() >= 0.9
-    assert (ours.argmax(-1) == stock.argmax(-1)).mean() >= 0.9
+    ours = eval_tokens(path, tokens, repack=False)["logits"]
+    assert np.array_equal(ours, eval_tokens(uniform, tokens, repack=False)["logits"])
 
 
 def test_mixed_types_match_reference(mixed, tiny_mixtral, tmp_path):

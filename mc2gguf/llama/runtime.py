@@ -81,7 +81,7 @@ def _ggml_base(build: LlamaBuild | None = None):
 
 def eval_tokens(model_path, tokens: list[int], *, prune: bool | None = None, protect_ratio: float | None = None,
                 capture: tuple[str, ...] = (), n_threads: int = 2, n_ubatch: int | None = None,
-                decode_steps: int = 0, flash_attn: bool = False, all_logits: bool = True,
+                decode_steps: int = 0, flash_attn: bool = False, all_logits: bool = True, repack: bool = True,
                 build: LlamaBuild | None = None) -> dict:
     """Run ``tokens`` through llama.cpp in one batch (all logits, or with ``all_logits=False`` only the last
     token's, as generation does), then ``decode_steps`` more single tokens.
@@ -91,7 +91,8 @@ def eval_tokens(model_path, tokens: list[int], *, prune: bool | None = None, pro
     ``name-layer`` to the list of arrays, one per graph evaluation (ubatch), each in ggml's shape reversed
     (numpy order). Also returns ``logits`` (float32 ``[n_outputs + decode_steps, n_vocab]``) and the
     pruning counters ``routed``/``pruned`` after the run. Flash attention is off unless asked for (as in
-    :func:`llama_logits`: on CPU it rounds Q to F16)."""
+    :func:`llama_logits`: on CPU it rounds Q to F16); ``repack=False`` keeps the weights in their file layout
+    (no CPU repacking, llama.cpp's ``--no-repack``)."""
     import ctypes
 
     import numpy as np
@@ -134,6 +135,7 @@ def eval_tokens(model_path, tokens: list[int], *, prune: bool | None = None, pro
     n_tokens = len(tokens)
     n_ctx = max(64, n_tokens + decode_steps + 8)
     mparams = llama_cpp.llama_model_default_params()
+    mparams.use_extra_bufts = repack
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {model_path}")
