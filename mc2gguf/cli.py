@@ -94,6 +94,19 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(f"updated the results section of {args.readme}")
 
 
+def _cmd_bench_speed(args: argparse.Namespace) -> None:
+    from .bench_speed import SpeedConfig, run_speed_bench, update_readme
+
+    config = SpeedConfig(work=Path(args.work), shapes=tuple(s for s in args.shapes.split(",") if s),
+                         rounds=args.rounds, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=args.threads,
+                         unpatched=args.unpatched)
+    run_speed_bench(config)
+    print((config.work / "speed.md").read_text())
+    if args.readme:
+        update_readme(Path(args.readme), config.work)
+        print(f"updated the speed section of {args.readme}")
+
+
 def _cmd_build_reference(args: argparse.Namespace) -> None:
     from .reference import build_reference_moe, default_out_dir
 
@@ -311,6 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="skip llama-bench")
     p.add_argument("--readme", help="write the results into this README's results section")
     p.set_defaults(func=_cmd_bench)
+
+    p = _command(sub, "bench-speed", "llama.cpp's speed on mc2gguf's layouts vs stock files (type groups, ODP, "
+                 "fused vs ordinary-op graph) on Mixtral- and Qwen3-shaped random models; table and JSON",
+                 "Time llama-bench (prefill and decode) on seeded random models of real shapes (speed does not "
+                 "depend on the values): a stock Q3_K file against a type-grouped file of about its size "
+                 "(Q2_K/Q3_K/Q4_K experts), a same-type split, and ODP off and on at the calibrated mu; the "
+                 "grouped and pruned files with the fused graph and with the graph of ordinary ops; optionally "
+                 "an unpatched build on the stock file. Rounds are interleaved, so each ratio comes from one "
+                 "run. Decode is also given as a share of the bound set by this machine's read bandwidth. "
+                 "Writes speed.md and speed.json into --work; the model files are made once and kept there.",
+                 "mc2gguf bench-speed --work speed-out --shapes mixtral,qwen3-30b-a3b --readme README.md")
+    p.add_argument("--work", default="speed-out", help="model files and results (default speed-out)")
+    p.add_argument("--shapes", default="mixtral,qwen3-30b-a3b,reference",
+                   help="comma-separated: mixtral, qwen3-30b-a3b, reference, tiny (default: the first three)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    p.add_argument("--n-prompt", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument("--n-gen", type=int, default=128, help="decoded tokens (default 128)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--unpatched", action="store_true",
+                   help="also time the stock file on an unpatched build of the same commit (built once, minutes)")
+    p.add_argument("--readme", help="write the table into this README's speed section")
+    p.set_defaults(func=_cmd_bench_speed)
 
     p = _command(sub, "build-reference", "build (or find cached) the real-weights reference MoE (8 experts, "
                  "top-2) from pretrained SmolLM2-135M-Instruct; prints its directory",

@@ -16,10 +16,10 @@ LEVELS = [
     ("mc2gguf", "errors", "paths", "gguf.keys", "quant.types", "quant.bits"),  # "mc2gguf": its __version__
     ("checkpoint", "text", "odp", "gguf.layout", "gguf.writer", "quant.grid", "quant.kquants", "quant.legacy",
      "quant.ternary", "quant.ggml_lib", "quant.codec", "quant.gptq", "llama.build"),
-    ("archs", "gguf.upstream", "llama.runtime"),
+    ("archs", "gguf.upstream", "gguf.edit", "llama.runtime"),
     ("quant.plan", "gguf.reader", "gguf.inspect"),
     ("pmq", "evaluate", "reference", "llama.interactive", "testmodel"),
-    ("convert", "bench", "demo"),
+    ("convert", "bench", "bench_speed", "demo"),
     ("cli",),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,64 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType
 
 from mc2gguf.convert import convert
+from mc2gguf.gguf.edit import odp_kv, rewrite
 from mc2gguf.gguf.writer import KeyValue, read_metadata
 from mc2gguf.llama.runtime import eval_tokens
 from mc2gguf.quant.types import quant_type
 
 N_LAYER, N_EXPERT, N_VOCAB = 2, 4, 512
-F32, I32, ARRAY = GGUFValueType.FLOAT32, GGUFValueType.INT32, GGUFValueType.ARRAY
+I32, ARRAY = GGUFValueType.INT32, GGUFValueType.ARRAY
 BATCH_SIZES = [1, 7, 8, 9, 64, 512]
-
-
-# --- GGUF rewriting: the same tensors, other metadata or other expert layouts ---------------------------------
-
-def rewrite(src: Path, dst: Path, *, set_kv: list[KeyValue] = (), drop: tuple[str, ...] = (),
-            groups: dict[str, list[int]] | None = None, group_sources: list[Path] | None = None) -> Path:
-    """Copy ``src`` to ``dst`` with key/values replaced or dropped, and the experts of the stock tensors named
-    in ``groups`` (``blk.L.ffn_P_exps``) split into type groups by the given expert -> group map; group ``g``
-    takes its experts from ``group_sources[g]`` (a conversion of the same model to another type) if given."""
-    groups = groups or {}
-    other = [{t.name: t for t in GGUFReader(p).tensors} for p in (group_sources or [])]
-    replaced = {kv.key for kv in set_kv} | set(drop)
-    reader = GGUFReader(src)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    writer = GGUFWriter(dst, arch)
-    for kv in read_metadata(src):
-        if kv.key not in replaced:
-            writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-    for kv in set_kv:
-        writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-    for base, group_of in groups.items():
-        writer.add_key_value(f"mc2gguf.{base}.groups", list(group_of), ARRAY, I32)
-    for t in reader.tensors:
-        data = np.asarray(t.data)
-        base = t.name.removesuffix(".weight")
-        if base in groups:
-            group_of = groups[base]
-            for g in range(max(group_of) + 1):
-                members = [e for e in range(len(group_of)) if group_of[e] == g]
-                tg = other[g][t.name] if other else t
-                writer.add_tensor(f"{base}.{g}.weight", np.ascontiguousarray(np.asarray(tg.data)[members]),
-                                  raw_dtype=tg.tensor_type)
-        else:
-            writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
-
-
-def odp_kv(mu, norm, ratio=0.02, quantiles=None) -> list[KeyValue]:
-    kvs = [KeyValue("mc2gguf.odp.mu", [float(v) for v in mu], ARRAY, F32),
-           KeyValue("mc2gguf.odp.protect_norm", [float(v) for v in norm], ARRAY, F32),
-           KeyValue("mc2gguf.odp.protect_ratio", float(ratio), F32)]
-    if quantiles is not None:
-        kvs.append(KeyValue("mc2gguf.odp.router_norm_quantiles", [float(v) for v in np.ravel(quantiles)], ARRAY, F32))
-    return kvs
 
 
 def merged_experts(path: Path) -> dict[str, torch.Tensor]:
@@ -331,7 +285,7 @@ def fused_protect(router_input: np.ndarray, tau: float) -> np.ndarray:
 def check_decisions(run: dict, mu: list[float], tau: list[float]) -> int:
     """Every layer's ids/weights equal mc2gguf.odp.route on the same logits and protect mask; returns the
     reference's number of pruned slots. The fused graph (ggml_moe_prune, ``ffn_moe_odp_pruned``: the ids with
-    -1 and the running count) decides protection inside the op, which is recomputed here exactly; the graph
+    -1 and the count running over the layers but the last) decides protection inside the op, which is recomputed here exactly; the graph
     of ordinary ops exposes its protect and pruning masks."""
     from mc2gguf.odp import route
 
@@ -344,6 +298,8 @@ def check_decisions(run: dict, mu: list[float], tau: list[float]) -> int:
             ids = pruned[:, :2].copy()
             prot = torch.from_numpy(fused_protect(_stacked(run, f"ffn_norm-{il}"), tau[il]))
             count = pruned[:, 2].astype(np.int64)
+            if il == N_LAYER - 1:
+                count_before = 0  # the model's last layer starts a count of its own (patch 0012)
             assert np.array_equal(count - count_before, (ids == -1).sum(-1))  # the running count
             count_before = count
         else:
@@ -409,16 +365,19 @@ def test_odp_across_ubatches_and_decode(odp_file):
     assert run["routed"] == N_LAYER * (300 + 6) * 2
 
 
-@pytest.mark.parametrize("all_logits", [True, False], ids=["all-logits", "last-logits"])
-def test_fused_graph_equals_graph_of_ordinary_ops(odp_file, tmp_path, all_logits):
+@pytest.mark.parametrize("n_ubatch, all_logits", [(64, True), (64, False), (None, False)],
+                         ids=["ubatches-all-logits", "ubatches-last-logits", "one-ubatch-last-logits"])
+def test_fused_graph_equals_graph_of_ordinary_ops(odp_file, tmp_path, n_ubatch, all_logits):
     """The fused MoE nodes (MUL_MAT_ID_MULTI for the type groups, MOE_PRUNE and MOE_PRUNE_WEIGHTS) against the
     graph llama.cpp builds from ordinary ops where a device lacks them (LLAMA_MOE_FUSED=0): the same logits bit
     for bit and the same counts, in prefill across ubatches and in decode. With only the last token's logits
-    wanted (generation, llama.cpp's warm-up) the last layer runs on fewer tokens than the others."""
+    wanted (generation, llama.cpp's warm-up) the last layer runs on fewer tokens than the others; in one ubatch
+    the graph has the shape of the one reserved with all outputs, whose allocation the scheduler reuses."""
     tokens = random_tokens(200, seed=12)
     out = tmp_path / "composed.npz"
     code = ("import numpy as np; from mc2gguf.llama.runtime import eval_tokens; "
-            f"r = eval_tokens({str(odp_file)!r}, {tokens!r}, n_ubatch=64, decode_steps=4, all_logits={all_logits}, "
+            f"r = eval_tokens({str(odp_file)!r}, {tokens!r}, n_ubatch={n_ubatch}, decode_steps=4, "
+            f"all_logits={all_logits}, "
             "capture=('ffn_moe_odp_pruned', 'ffn_moe_odp_prune')); "
             f"np.savez({str(out)!r}, logits=r['logits'], pruned=r['pruned'], routed=r['routed'], "
             "names=np.array(sorted(r['tensors'])))")
@@ -426,7 +385,7 @@ def test_fused_graph_equals_graph_of_ordinary_ops(odp_file, tmp_path, all_logits
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     composed = np.load(out)
-    fused = eval_tokens(odp_file, tokens, n_ubatch=64, decode_steps=4, all_logits=all_logits,
+    fused = eval_tokens(odp_file, tokens, n_ubatch=n_ubatch, decode_steps=4, all_logits=all_logits,
                         capture=("ffn_moe_odp_pruned", "ffn_moe_odp_prune"))
     # each graph is the one asked for
     assert all(n.startswith("ffn_moe_odp_prune-") for n in composed["names"])
@@ -434,6 +393,27 @@ def test_fused_graph_equals_graph_of_ordinary_ops(odp_file, tmp_path, all_logits
     assert fused["pruned"] > 0 and fused["pruned"] == int(composed["pruned"])
     assert fused["routed"] == int(composed["routed"])
     assert np.array_equal(fused["logits"], composed["logits"])
+
+
+def test_fused_count_in_llama_perplexity(odp_file, llama_build):
+    """llama-perplexity scores the second half of each chunk: the last layer runs on the output rows only, in a
+    graph of the shape it reserved with all outputs (whose allocation the scheduler reuses, the tensor flags
+    unseen). The fused graph prunes and counts as the graph of ordinary ops does, chunk after chunk."""
+    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    counts = {}
+    for fused in ("1", "0"):
+        proc = subprocess.run([str(llama_build.binary("llama-perplexity")), "-m", str(odp_file), "-c", "128",
+                               "-b", "128", "--chunks", "3", "-t", "2", "-f", "/dev/stdin"],
+                              input=text[:20000], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "LLAMA_MOE_FUSED": fused})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = proc.stdout + proc.stderr
+        pruned = re.search(r"MoE pruned slots = +(-?\d+) / (\d+) routed", log)
+        ppl = re.search(r"Final estimate: PPL = ([\d.]+)", log)
+        assert pruned and ppl, log[-2000:]
+        counts[fused] = (int(pruned[1]), int(pruned[2]), ppl[1])
+    assert counts["1"] == counts["0"]
+    assert 0 < counts["1"][0] <= counts["1"][1] // 2
 
 
 def test_odp_mu_zero_and_full_protection_change_nothing(odp_file, tmp_path):

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, "tests")
-from test_llama_moe import odp_kv, random_tokens, rewrite  # noqa: E402
+from test_llama_moe import random_tokens  # noqa: E402
 
 from mc2gguf.convert import convert  # noqa: E402
+from mc2gguf.gguf.edit import odp_kv, rewrite  # noqa: E402
 from mc2gguf.llama.runtime import eval_tokens  # noqa: E402
 from mc2gguf.odp import calibrate_mu, top2_ratios  # noqa: E402
 from mc2gguf.quant.types import quant_type  # noqa: E402
