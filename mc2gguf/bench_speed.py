@@ -306,7 +306,7 @@ def run_speed_bench(c: SpeedConfig) -> dict:
     unpatched_bin = None
     if c.unpatched:
         _note("the unpatched build of the same commit (once; minutes)")
-        unpatched_bin = build_llama(BuildConfig(patches=())).bin_dir
+        unpatched_bin = build_llama(BuildConfig.unpatched(tools=("llama-bench",))).bin_dir
     bandwidth = read_bandwidth(c.threads)
     _note(f"read bandwidth {bandwidth / 1e9:.1f} GB/s at {c.threads} threads")
     results = {"bandwidth": bandwidth, "config": {k: str(v) if isinstance(v, Path) else v

@@ -64,16 +64,17 @@ class BuildConfig:
     cuda: bool = False
     cuda_archs: str = DEFAULT_CUDA_ARCHS
     patches: tuple[Path, ...] = field(default_factory=lambda: tuple(sorted(PATCH_DIR.glob("*.patch"))))
-    # build the shared libraries (and the Python bindings) only, no tools: e.g. the unpatched reference build
-    libraries_only: bool = False
+    # the tools built besides the shared libraries (and the Python bindings); none for a reference build
+    tools: tuple[str, ...] = TOOL_TARGETS
 
     @classmethod
-    def unpatched(cls) -> "BuildConfig":
-        """The pinned llama.cpp without the patch series, libraries only (the tests' bit-exact reference)."""
-        return cls(patches=(), libraries_only=True)
+    def unpatched(cls, tools: tuple[str, ...] = ()) -> "BuildConfig":
+        """The pinned llama.cpp without the patch series: libraries only (the tests' bit-exact reference), or
+        with some stock tools (``mc2gguf bench-speed --unpatched``: llama-bench)."""
+        return cls(patches=(), tools=tools)
 
     def targets(self) -> tuple[str, ...]:
-        return LIBRARY_TARGETS if self.libraries_only else (*TOOL_TARGETS, *LIBRARY_TARGETS)
+        return (*self.tools, *LIBRARY_TARGETS)
 
     def cmake_flags(self) -> list[str]:
         flags = list(BASE_CMAKE_FLAGS)
@@ -86,8 +87,10 @@ class BuildConfig:
         digest.update(f"{LLAMA_CPP_PYTHON_VERSION}\0{' '.join(self.cmake_flags())}\0".encode())
         for patch in self.patches:
             digest.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
-        if self.libraries_only:
+        if not self.tools:
             digest.update(b"libraries-only\0")
+        elif self.tools != TOOL_TARGETS:
+            digest.update(("tools\0" + "\0".join(self.tools) + "\0").encode())
         return digest.hexdigest()[:12]
 
 
