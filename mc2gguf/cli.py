@@ -170,6 +170,17 @@ def _add_run_options(p: argparse.ArgumentParser, ctx_help: str) -> None:
                         "(default: on for files with ODP metadata)")
     p.add_argument("--moe-protect", type=_ratio, default=None, metavar="RATIO",
                    help="ODP: fraction of tokens never pruned (default: the calibrated fraction in the file)")
+    p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
+                   help="layers in GPU memory (-1: all; default: llama.cpp's); CPU-only builds ignore it")
+    p.add_argument("--cpu-moe", action="store_true", help="keep every layer's experts in system memory")
+    p.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
+                   help="keep the experts of the first N layers in system memory")
+
+
+def _placement(args: argparse.Namespace):
+    from .llama.interactive import Placement
+
+    return Placement(gpu_layers=args.gpu_layers, cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -177,7 +188,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     return run_chat(Path(args.model), system=args.system, n_ctx=args.ctx, n_threads=args.threads,
                     max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed, moe_prune=args.moe_prune,
-                    moe_protect=args.moe_protect)
+                    moe_protect=args.moe_protect, placement=_placement(args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -185,7 +196,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     return run_server(Path(args.model), host=args.host, port=args.port, n_ctx=args.ctx, n_threads=args.threads,
                       parallel=args.parallel, moe_prune=args.moe_prune, moe_protect=args.moe_protect,
-                      extra=args.server_args)
+                      placement=_placement(args), extra=args.server_args)
 
 
 DESCRIPTION = """\

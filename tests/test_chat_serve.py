@@ -25,6 +25,7 @@ import pytest
 
 from mc2gguf.cli import main
 from mc2gguf.convert import convert
+from mc2gguf.errors import Mc2ggufError
 from mc2gguf.quant.types import quant_type
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,3 +473,33 @@ def test_serve_passes_odp_switches_when_llama_server_lists_them(monkeypatch, tmp
     monkeypatch.setattr(interactive, "_server_help", lambda server: "--moe-prune [on|off] ...")
     with pytest.raises(interactive.Mc2ggufError, match="lacks ODP support.*--moe-protect"):
         interactive._odp_server_args(tmp_path, None, 0.5)
+
+
+def test_placement_flags_reach_llama_server():
+    from mc2gguf.llama.interactive import Placement
+
+    assert Placement().server_args() == [] and not Placement().requested()
+    assert Placement(gpu_layers=-1, cpu_moe=True).server_args() == ["-ngl", "all", "--cpu-moe"]
+    assert Placement(gpu_layers=20, n_cpu_moe=4).server_args() == ["-ngl", "20", "--n-cpu-moe", "4"]
+    with pytest.raises(Mc2ggufError, match="--n-cpu-moe -1"):
+        Placement(n_cpu_moe=-1)
+    with pytest.raises(Mc2ggufError, match="--gpu-layers -2"):
+        Placement(gpu_layers=-2)
+
+
+def test_chat_and_serve_accept_placement_without_gpu(chat_gguf, server, llama_build):
+    """On this CPU-only build the GPU placement flags are accepted, say that no GPU is in use, and change
+    nothing; llama-server takes them (its expert patterns match type-group tensors as stock ones)."""
+    from mc2gguf.llama.interactive import _gpu_offload
+
+    if _gpu_offload():
+        pytest.skip("a GPU build: the placement itself is checked on the GPU machine")
+    plain = chat_once(chat_gguf)
+    placed = chat_once(chat_gguf, "--gpu-layers", "99", "--cpu-moe")
+    assert placed.returncode == 0 and "no GPU in use" in placed.stderr, placed.stderr[-2000:]
+    assert placed.stdout == plain.stdout
+    srv = server(chat_gguf, "--gpu-layers", "-1", "--n-cpu-moe", "1", "--ctx", 512)
+    status, text = post(srv.base + "/completion", {"prompt": "Once upon a time", "n_predict": 4, "temperature": 0})
+    assert status == 200 and text
+    code, out = srv.interrupt()
+    assert code == 0 and "no GPU in use" in out

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -26,6 +27,46 @@ from .build import find_llama_build
 _GGUF_MAGIC = b"GGUF"
 _NO_ODP = ("this llama.cpp build lacks ODP support ({what}); rebuild it with `mc2gguf build-llama` (patches "
            "0005-0006)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where llama.cpp keeps the weights, with its own options: ``gpu_layers`` layers in GPU memory (-1: all;
+    None: the tool's default), the experts of every layer (``cpu_moe``) or of the first ``n_cpu_moe`` layers in
+    system memory, the usual way to run a large MoE on a small GPU. The type-group tensors of a per-expert-type
+    file (``blk.L.ffn_P_exps.G.weight``) match llama.cpp's expert patterns as the stock tensors do."""
+
+    gpu_layers: int | None = None
+    cpu_moe: bool = False
+    n_cpu_moe: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.gpu_layers is not None and self.gpu_layers < -1:
+            raise Mc2ggufError(f"--gpu-layers {self.gpu_layers}: expected a number of layers, or -1 for all")
+        if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
+            raise Mc2ggufError(f"--n-cpu-moe {self.n_cpu_moe}: expected a number of layers >= 0")
+
+    def requested(self) -> bool:
+        return self.gpu_layers is not None or self.cpu_moe or self.n_cpu_moe is not None
+
+    def server_args(self) -> list[str]:
+        args = []
+        if self.gpu_layers is not None:
+            args += ["-ngl", "all" if self.gpu_layers < 0 else str(self.gpu_layers)]
+        if self.cpu_moe:
+            args += ["--cpu-moe"]
+        if self.n_cpu_moe is not None:
+            args += ["--n-cpu-moe", str(self.n_cpu_moe)]
+        return args
+
+
+_NO_GPU = "no GPU in use: this llama.cpp build is CPU-only (--gpu-layers, --cpu-moe and --n-cpu-moe change nothing)"
+
+
+def _gpu_offload() -> bool:
+    from .runtime import bindings
+
+    return bool(bindings().llama_supports_gpu_offload())
 
 
 def check_model_file(path: Path) -> Path:
@@ -189,11 +230,13 @@ class ChatSession:
         self.history.clear()
 
 
-def load_model(model: Path, n_ctx: int, n_threads: int | None):
+def load_model(model: Path, n_ctx: int, n_threads: int | None, placement: Placement = Placement()):
     from .runtime import bindings
 
     llama_cpp = bindings()
     kwargs = {"n_threads": n_threads} if n_threads else {}
+    if placement.gpu_layers is not None:
+        kwargs["n_gpu_layers"] = placement.gpu_layers
     try:
         return llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, verbose=False, **kwargs)
     except ValueError as e:
@@ -229,7 +272,7 @@ class _StopOnSigint:
 
 def run_chat(model: Path, *, system: str | None = None, n_ctx: int = 4096, n_threads: int | None = None,
              max_tokens: int = 512, temperature: float = 0.8, seed: int | None = None,
-             moe_prune: bool | None = None, moe_protect: float | None = None,
+             moe_prune: bool | None = None, moe_protect: float | None = None, placement: Placement = Placement(),
              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """The chat loop. On a terminal: a prompt, line editing, Ctrl-C stops an answer, Ctrl-C/Ctrl-D or /exit
     at the prompt quits. Otherwise: one user message per input line, each answer on its own line(s)."""
@@ -238,10 +281,17 @@ def run_chat(model: Path, *, system: str | None = None, n_ctx: int = 4096, n_thr
         stdout.reconfigure(errors="replace")
     model = check_model_file(model)
     odp_lib = _odp_library(moe_prune, moe_protect)
-    llm = load_model(model, n_ctx, n_threads)
 
     def notice(text: str) -> None:
         print(text, file=stderr, flush=True)
+
+    if placement.requested() and not _gpu_offload():
+        notice(f"mc2gguf chat: {_NO_GPU}")
+    elif placement.cpu_moe or placement.n_cpu_moe is not None:
+        # the bindings' Llama takes no tensor buffer overrides; llama-server does
+        raise Mc2ggufError("chat keeps experts in system memory only on CPU-only builds so far: use "
+                           "`mc2gguf serve --cpu-moe` / `--n-cpu-moe N`")
+    llm = load_model(model, n_ctx, n_threads, placement)
 
     try:
         if odp_lib is not None:
@@ -352,7 +402,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 
 def run_server(model: Path, *, host: str = "127.0.0.1", port: int = 8080, n_ctx: int | None = 4096,
                n_threads: int | None = None, parallel: int | None = None, moe_prune: bool | None = None,
-               moe_protect: float | None = None, extra: list[str] = (), stdout: TextIO | None = None) -> int:
+               moe_protect: float | None = None, placement: Placement = Placement(), extra: list[str] = (),
+               stdout: TextIO | None = None) -> int:
     """Run ``llama-server`` in the foreground; signals go to it; its exit status is returned
     (128 + N when signal N ended it)."""
     stdout = stdout or sys.stdout
@@ -366,7 +417,10 @@ def run_server(model: Path, *, host: str = "127.0.0.1", port: int = 8080, n_ctx:
     if parallel:
         cmd += ["-np", str(parallel)]
     cmd += _odp_server_args(server, moe_prune, moe_protect)
+    cmd += placement.server_args()
     cmd += list(extra)
+    if placement.requested() and not _gpu_offload():
+        print(f"mc2gguf: {_NO_GPU}", file=stdout, flush=True)
     _check_port(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mc2gguf: warning: listening on {host}, not only on this machine's loopback interface; llama-server "
