@@ -115,7 +115,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t top_k, double mu,
                                                          const std::optional<at::Tensor>& protect,
                                                          const std::optional<at::Tensor>& importance,
-                                                         double protect_ratio) {
+                                                         double protect_ratio, bool renormalize) {
   const Prepared p = prepare(logits, top_k, mu, protect, importance, protect_ratio);
   at::Tensor ids = at::empty({p.T, p.k}, logits.options().dtype(at::kLong));
   at::Tensor weights = at::empty({p.T, p.k}, logits.options().dtype(at::kFloat));
@@ -135,8 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logit
           0, p.T, grain, int64_t(0),
           [&](int64_t begin, int64_t end, int64_t acc) {
             for (int64_t t = begin; t < end; ++t) {
-              acc += route_row<scalar_t, int64_t>(x + t * E, E, k, thr, mask != nullptr && mask[t], id_out + t * k,
-                                                  w_out + t * k);
+              acc += route_row<scalar_t, int64_t>(x + t * E, E, k, thr, mask != nullptr && mask[t], renormalize,
+                                                  id_out + t * k, w_out + t * k);
             }
             return acc;
           },
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logit
 TORCH_LIBRARY(mc2gguf_odp, m) {
   m.def(
       "route(Tensor logits, int top_k, float mu, Tensor? protect=None, Tensor? importance=None, "
-      "float protect_ratio=0.0) -> (Tensor ids, Tensor weights, Tensor n_pruned)");
+      "float protect_ratio=0.0, bool renormalize=True) -> (Tensor ids, Tensor weights, Tensor n_pruned)");
 }
 
 TORCH_LIBRARY_IMPL(mc2gguf_odp, CPU, m) { m.impl("route", &route_cpu); }

@@ -67,13 +67,25 @@ ODP_HD void route_select2(const scalar_t* x, int64_t E, index_t* ids, float* val
   ids[1] = static_cast<index_t>(i1);
 }
 
+// exp in fp32, the same function on the host and on the device.
+ODP_HD float route_exp(float d) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return expf(d);
+#else
+  return std::exp(d);
+#endif
+}
+
 // Pruning and weights, given the k selected logits in val (slot order) and their ids:
 // slot s > 0 of an unprotected token is pruned iff fl32(l_s - l_0) < thr; survivors get
-// w_s = exp(l_s - l_0) / (fp32 sum of the survivors' exp(l_j - l_0), in slot order), which is
-// softmax -> top-k -> renormalise with the full softmax denominator cancelled.
+// w_s = exp(l_s - l_0) / Z. Renormalised routing: Z is the fp32 sum of the survivors' exp(l_j - l_0) in slot
+// order (softmax -> top-k -> renormalise with the full softmax denominator cancelled). Otherwise Z is the
+// softmax denominator, the fp32 sum of exp(l_e - l_0) over all E experts in id order, so that survivors keep
+// their plain-routing weights.
 // On return val holds the weights (0 in pruned slots) and ids -1 in pruned slots.
-template <typename index_t>
-ODP_HD int route_weights(int k, float thr, bool prot, index_t* ids, float* val) {
+template <typename scalar_t, typename index_t>
+ODP_HD int route_weights(const scalar_t* x, int64_t E, int k, float thr, bool prot, bool renormalize,
+                         index_t* ids, float* val) {
   const float top = val[0];
   float sum = 0.0f;
   int pruned = 0;
@@ -84,36 +96,40 @@ ODP_HD int route_weights(int k, float thr, bool prot, index_t* ids, float* val) 
       ids[s] = static_cast<index_t>(-1);
       ++pruned;
     } else {
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-      const float ex = s == 0 ? 1.0f : expf(d);  // exp(0) = 1 exactly
-#else
-      const float ex = s == 0 ? 1.0f : std::exp(d);
-#endif
+      const float ex = s == 0 ? 1.0f : route_exp(d);  // exp(0) = 1 exactly
       val[s] = ex;
       sum += ex;
     }
   }
+  if (!renormalize) {
+    sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) {
+      sum += route_exp(static_cast<float>(x[e]) - top);
+    }
+  }
   for (int s = 0; s < k; ++s) {
-    val[s] = val[s] / sum;  // pruned slots stay 0; the top slot has exp(0) = 1, so sum >= 1
+    val[s] = val[s] / sum;  // pruned slots stay 0; the top expert has exp(0) = 1, so sum >= 1
   }
   return pruned;
 }
 
 // Route one token.
-//   x      [E] logits (any floating type; each value is converted to fp32 first)
-//   thr    fl32(ln(mu))
-//   prot   the token is protected (never pruned)
-//   ids    [k] out: expert ids in slot order, -1 for pruned slots
-//   val    [k] scratch for the selected logits; on return the weights (0 for pruned slots)
+//   x            [E] logits (any floating type; each value is converted to fp32 first)
+//   thr          fl32(ln(mu))
+//   prot         the token is protected (never pruned)
+//   renormalize  the family renormalises the top-k weights (else they keep their softmax weights)
+//   ids          [k] out: expert ids in slot order, -1 for pruned slots
+//   val          [k] scratch for the selected logits; on return the weights (0 for pruned slots)
 // Returns the number of pruned slots.
 template <typename scalar_t, typename index_t>
-ODP_HD int route_row(const scalar_t* x, int64_t E, int k, float thr, bool prot, index_t* ids, float* val) {
+ODP_HD int route_row(const scalar_t* x, int64_t E, int k, float thr, bool prot, bool renormalize, index_t* ids,
+                     float* val) {
   if (k == 2) {
     route_select2(x, E, ids, val);
   } else {
     route_select(x, E, k, ids, val);
   }
-  return route_weights(k, thr, prot, ids, val);
+  return route_weights(x, E, k, thr, prot, renormalize, ids, val);
 }
 
 }  // namespace mc2gguf_odp

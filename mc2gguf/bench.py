@@ -1,4 +1,5 @@
-"""``mc2gguf bench``: mc2gguf against llama.cpp's own recipes on one Mixtral checkpoint, measured in one run.
+"""``mc2gguf bench``: mc2gguf against llama.cpp's own recipes on one MoE checkpoint (any supported family),
+measured in one run.
 
 Every row is a GGUF file of the same model, evaluated by one llama-perplexity run on the evaluation text
 against the logits of the f16 file (``--kl-divergence-base``): perplexity, mean KL divergence and the rate

@@ -114,7 +114,7 @@ def _checkpoint(shape: Shape, out: Path) -> Path:
     import torch
 
     from .paths import TOKENIZER_512
-    from .testmodel import TinyMixtralConfig, TinyQwen3MoeConfig, build_tiny_mixtral, build_tiny_qwen3moe
+    from .testmodel import TinyMixtralConfig, TinyQwen3MoeConfig, build_tiny_mixtral, build_tiny_moe
 
     if (out / "config.json").exists():
         return out
@@ -129,21 +129,22 @@ def _checkpoint(shape: Shape, out: Path) -> Path:
                                 num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                                 num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
                                 num_experts=shape.experts, num_experts_per_tok=shape.top_k)
-    return build_tiny_qwen3moe(out, seed=0, config=config, dtype=torch.float16)
+    return build_tiny_moe(out, config, seed=0, dtype=torch.float16)
 
 
-def _odp_mu(path: Path, layers: int) -> list[float]:
-    """Each layer's mu as PMQ calibrates it (the median top-2 weight ratio), from llama.cpp's router logits."""
+def _odp_mu(path: Path, layers: int, top_k: int) -> list[float]:
+    """Each layer's mu as PMQ calibrates it (the median of the non-top slots' weight ratios), from llama.cpp's
+    router logits."""
     import numpy as np
     import torch
 
     from .llama.runtime import eval_tokens
-    from .odp import calibrate_mu, top2_ratios
+    from .odp import calibrate_mu, slot_ratios
 
     tokens = torch.randint(3, 500, (256,), generator=torch.Generator().manual_seed(0)).tolist()
     run = eval_tokens(path, tokens, capture=("ffn_moe_logits",))
-    return [calibrate_mu(top2_ratios(torch.from_numpy(np.concatenate(run["tensors"][f"ffn_moe_logits-{il}"]))))
-            for il in range(layers)]
+    logits = [torch.from_numpy(np.concatenate(run["tensors"][f"ffn_moe_logits-{il}"])) for il in range(layers)]
+    return [calibrate_mu(slot_ratios(layer_logits, top_k)) for layer_logits in logits]
 
 
 def make_files(shape: Shape, out: Path, bin_dir: Path) -> dict[str, Path]:
@@ -179,7 +180,7 @@ def make_files(shape: Shape, out: Path, bin_dir: Path) -> dict[str, Path]:
     if not files["split"].exists():
         rewrite(stock, files["split"], groups=groups)
     if not files["odp"].exists():
-        mu = _odp_mu(stock, shape.layers)
+        mu = _odp_mu(stock, shape.layers, shape.top_k)
         nobody = finite_threshold(float("inf"))
         rewrite(stock, files["odp"], set_kv=odp_kv(mu, [nobody] * shape.layers, 0.0))
     if not files["stock"].exists():

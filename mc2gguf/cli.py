@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import textwrap
@@ -470,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mc2gguf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mc2gguf inspect F | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     return status or 0
 
 

@@ -1,4 +1,4 @@
-"""Seeded random Mixtral and Qwen3-MoE checkpoints, for tests and for the command-line demo.
+"""Seeded random Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE checkpoints, for tests and for the command-line demo.
 
 Hidden and expert sizes are multiples of 256 so every K-quant and codebook type applies. Weights are
 fp16-representable and drawn with a larger spread than transformers' default initialisation so that the logits are far from
@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 
 from .archs.mixtral import MixtralAdapter
-from .archs.qwen3moe import Qwen3MoeAdapter
 from .errors import Mc2ggufError
 from .paths import BPE_TOKENIZER, TOKENIZER_512
 
@@ -96,15 +95,12 @@ def build_tiny_mixtral(
     vocab = _vocab_size(tokenizer_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    MixtralConfig(
+    hf_config = MixtralConfig(
         architectures=["MixtralForCausalLM"], vocab_size=vocab, tie_word_embeddings=False, bos_token_id=1,
         eos_token_id=2, **asdict(config)
-    ).to_json_file(out_dir / "config.json")
-    c = config
-    groups = [MixtralAdapter.checkpoint_layer_shapes(i, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                                     c.num_key_value_heads, c.hidden_size // c.num_attention_heads,
-                                                     c.num_local_experts)
-              for i in range(c.num_hidden_layers)]
+    )
+    hf_config.to_json_file(out_dir / "config.json")
+    groups = [MixtralAdapter.checkpoint_layer_shapes(hf_config.to_dict(), i) for i in range(config.num_hidden_layers)]
     groups.append(_globals(vocab, config.hidden_size))
     _write_shards(out_dir, groups, torch.Generator().manual_seed(seed), dtype)
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
@@ -127,39 +123,88 @@ class TinyQwen3MoeConfig:
     rope_theta: float = 1000000.0
 
 
-def build_tiny_qwen3moe(
-    out_dir: Path,
-    tokenizer_dir: Path = BPE_TOKENIZER,
-    seed: int = 0,
-    config: TinyQwen3MoeConfig = TinyQwen3MoeConfig(),
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write a seeded random ``Qwen3MoeForCausalLM`` checkpoint: every layer MoE, top-k renormalised
-    (``norm_topk_prob``), untied head, experts one by one (``mlp.experts.N.{gate,up,down}_proj``, what
-    transformers 5's ``save_pretrained`` writes), one shard per layer plus one for the embeddings and head,
-    and the Hugging Face tokenizer files of ``tokenizer_dir`` (a ``tokenizer.json`` directory)."""
-    from transformers import Qwen3MoeConfig
+@dataclass(frozen=True)
+class TinyOlmoeConfig:
+    hidden_size: int = 256
+    intermediate_size: int = 256  # each expert's
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4  # llama.cpp's olmoe needs as many as query heads
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5  # what llama.cpp's converter writes for every OLMoE
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class TinyQwen2MoeConfig:
+    hidden_size: int = 256
+    moe_intermediate_size: int = 256
+    shared_expert_intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+
+
+#: a test-model config -> its transformers config class and the fields every test model of the family has:
+#: every layer MoE, the routing llama.cpp's graph implements
+_BPE_FAMILIES = {
+    TinyQwen3MoeConfig: ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", lambda c: dict(
+        intermediate_size=2 * c.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True)),
+    TinyOlmoeConfig: ("OlmoeConfig", "OlmoeForCausalLM", lambda c: dict(norm_topk_prob=False, clip_qkv=None)),
+    TinyQwen2MoeConfig: ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", lambda c: dict(
+        intermediate_size=2 * c.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=False, qkv_bias=True, use_sliding_window=False)),
+}
+
+
+def tiny_hf_config(config: TinyQwen3MoeConfig | TinyOlmoeConfig | TinyQwen2MoeConfig,
+                   tokenizer_dir: Path = BPE_TOKENIZER):
+    """The transformers config (its own class) of a test model of the family ``config`` names."""
+    import transformers
 
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise Mc2ggufError(f"no tokenizer.json in {tokenizer_dir}")
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    config_class, architecture, fixed = _BPE_FAMILIES[type(config)]
+    fields = {k: v for k, v in asdict(config).items() if k != "rope_theta"}
+    return getattr(transformers, config_class)(
+        architectures=[architecture], vocab_size=vocab, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        **fields, **fixed(config),
+    )
+
+
+def build_tiny_moe(
+    out_dir: Path,
+    config: TinyQwen3MoeConfig | TinyOlmoeConfig | TinyQwen2MoeConfig = TinyQwen3MoeConfig(),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer_dir: Path = BPE_TOKENIZER,
+) -> Path:
+    """Write a seeded random checkpoint of the family ``config`` names (Qwen3-MoE, OLMoE, Qwen2-MoE) from
+    transformers' own config class: untied head, experts one by one (``mlp.experts.N.{gate,up,down}_proj``, what
+    transformers 5's ``save_pretrained`` writes), one shard per layer plus one for the embeddings and head,
+    and the Hugging Face tokenizer files of ``tokenizer_dir`` (a ``tokenizer.json`` directory)."""
+    from .archs import adapter_class
+
+    hf_config = tiny_hf_config(config, tokenizer_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    c = config
-    fields = {k: v for k, v in asdict(c).items() if k != "rope_theta"}
-    Qwen3MoeConfig(
-        architectures=["Qwen3MoeForCausalLM"], vocab_size=vocab, tie_word_embeddings=False,
-        intermediate_size=2 * c.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
-        norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, **fields,
-    ).to_json_file(out_dir / "config.json")
-    groups = [Qwen3MoeAdapter.checkpoint_layer_shapes(i, c.hidden_size, c.moe_intermediate_size,
-                                                      c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                                      c.num_experts)
-              for i in range(c.num_hidden_layers)]
-    groups.append(_globals(vocab, c.hidden_size))
+    hf_config.to_json_file(out_dir / "config.json")
+    adapter = adapter_class(hf_config.architectures[0])
+    groups = [adapter.checkpoint_layer_shapes(hf_config.to_dict(), i) for i in range(config.num_hidden_layers)]
+    groups.append(_globals(hf_config.vocab_size, config.hidden_size))
     _write_shards(out_dir, groups, torch.Generator().manual_seed(seed), dtype)
-    for f in sorted(tokenizer_dir.iterdir()):
+    for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file():
             shutil.copyfile(f, out_dir / f.name)
     return out_dir

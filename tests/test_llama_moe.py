@@ -21,6 +21,8 @@ from mc2gguf.gguf.writer import KeyValue, read_metadata
 from mc2gguf.llama.runtime import eval_tokens
 from mc2gguf.quant.types import quant_type
 
+from odp_checks import CAPTURE, check_decisions, llama_tau, odp_meta
+
 N_LAYER, N_EXPERT, N_VOCAB = 2, 4, 512
 I32, ARRAY = GGUFValueType.INT32, GGUFValueType.ARRAY
 BATCH_SIZES = [1, 7, 8, 9, 64, 512]
@@ -148,13 +150,13 @@ def odp_file(mixed, tmp_path_factory) -> Path:
     """The mixed file plus ODP metadata calibrated as mc2gguf does (mu: median of w_1/w_0; protect_norm: the
     router-input L1 norm exceeded by 2 % of the tokens; the norm quantiles), measured on llama.cpp's own
     router logits and inputs for 512 random tokens."""
-    from mc2gguf.odp import calibrate_mu, top2_ratios
+    from mc2gguf.odp import calibrate_mu, slot_ratios
 
     run = eval_tokens(mixed, random_tokens(512, seed=1), capture=("ffn_norm", "ffn_moe_logits"))
     mu, quantiles = [], []
     for il in range(N_LAYER):
         logits = torch.from_numpy(np.concatenate(run["tensors"][f"ffn_moe_logits-{il}"]))
-        mu.append(calibrate_mu(top2_ratios(logits)))
+        mu.append(calibrate_mu(slot_ratios(logits, 2)))
         x = torch.from_numpy(np.concatenate(run["tensors"][f"ffn_norm-{il}"]))
         quantiles.append(torch.quantile(x.abs().sum(-1), torch.linspace(0, 1, 101)).numpy())
     quantiles = np.stack(quantiles)
@@ -259,87 +261,9 @@ def test_mixed_types_match_reference(mixed, tiny_mixtral, tmp_path):
 
 # --- (c) ODP in the graph ----------------------------------------------------------------------------------------
 
-CAPTURE = ("ffn_moe_logits", "ffn_moe_topk", "ffn_moe_odp_protect", "ffn_moe_odp_prune", "ffn_moe_odp_ids",
-           "ffn_moe_odp_pruned", "ffn_moe_weights_odp", "ffn_norm")
-
-
-def _stacked(run: dict, name: str) -> np.ndarray:
-    return np.concatenate(run["tensors"][name])
-
-
-def llama_tau(quantiles: np.ndarray, ratio: float) -> float:
-    """The protection threshold llama.cpp derives for ``--moe-protect ratio`` (llama_model::moe_odp_protect_norms):
-    the norm quantile at level 1 - ratio, linear between the stored levels, from the float32 ratio."""
-    pos = (1.0 - float(np.float32(ratio))) * 100
-    i0 = min(int(np.floor(pos)), 99)
-    t = pos - i0
-    return float(np.float32((1.0 - t) * float(quantiles[i0]) + t * float(quantiles[i0 + 1])))
-
-
-def fused_protect(router_input: np.ndarray, tau: float) -> np.ndarray:
-    """The protect mask of ggml_moe_prune: ||x||_1 summed in double in order, rounded to float, > tau."""
-    norm = np.cumsum(np.abs(router_input).astype(np.float64), axis=-1)[..., -1].astype(np.float32)
-    return norm > np.float32(tau)
-
-
-def check_decisions(run: dict, mu: list[float], tau: list[float]) -> int:
-    """Every layer's ids/weights equal mc2gguf.odp.route on the same logits and protect mask; returns the
-    reference's number of pruned slots. The fused graph (ggml_moe_prune, ``ffn_moe_odp_pruned``: the ids with
-    -1 and the count running over the layers but the last) decides protection inside the op, which is recomputed here exactly; the graph
-    of ordinary ops exposes its protect and pruning masks."""
-    from mc2gguf.odp import route
-
-    n_pruned = 0
-    count_before = 0
-    for il in range(N_LAYER):
-        logits = torch.from_numpy(_stacked(run, f"ffn_moe_logits-{il}"))  # [T, E]
-        if f"ffn_moe_odp_pruned-{il}" in run["tensors"]:
-            pruned = _stacked(run, f"ffn_moe_odp_pruned-{il}")  # [T, 3]
-            ids = pruned[:, :2].copy()
-            prot = torch.from_numpy(fused_protect(_stacked(run, f"ffn_norm-{il}"), tau[il]))
-            count = pruned[:, 2].astype(np.int64)
-            if il == N_LAYER - 1:
-                count_before = 0  # the model's last layer starts a count of its own (patch 0012)
-            assert np.array_equal(count - count_before, (ids == -1).sum(-1))  # the running count
-            count_before = count
-        else:
-            prot = torch.from_numpy(_stacked(run, f"ffn_moe_odp_protect-{il}")).reshape(-1)
-            assert set(np.unique(prot.numpy())) <= {0.0, 1.0}
-            # the ids after pruning: the selected experts with -1 where the graph's pruning mask is 1 (the
-            # graph's own tensor of these ids exists only where a projection is one stock tensor: grouped
-            # projections look their ids up from the selected experts and the mask)
-            prune = _stacked(run, f"ffn_moe_odp_prune-{il}").reshape(-1)
-            assert set(np.unique(prune)) <= {0.0, 1.0}
-            ids = _stacked(run, f"ffn_moe_topk-{il}").copy()  # [T, 2]
-            ids[prune == 1.0, 1] = -1
-            if f"ffn_moe_odp_ids-{il}" in run["tensors"]:
-                assert np.array_equal(_stacked(run, f"ffn_moe_odp_ids-{il}"), ids)
-        weights = np.concatenate([w.reshape(-1, 2) for w in run["tensors"][f"ffn_moe_weights_odp-{il}"]])
-        ref_ids, ref_w, n = route(logits, 2, mu[il], protect=prot > 0)
-        assert np.array_equal(ids, ref_ids.numpy().astype(np.int32)), il
-        np.testing.assert_allclose(weights, ref_w.numpy(), rtol=0, atol=2e-6)
-        pruned = ids[:, 1] == -1
-        assert (weights[pruned, 0] == 1.0).all() and (weights[pruned, 1] == 0.0).all()
-        n_pruned += n
-        # the protect mask is ||router input||_1 > tau (away from rounding at the boundary)
-        norm = np.abs(_stacked(run, f"ffn_norm-{il}")).astype(np.float64).sum(-1)
-        clear = np.abs(norm - tau[il]) > 1e-5 * max(abs(tau[il]), 1.0)
-        assert np.array_equal((prot.numpy() > 0)[clear], (norm > tau[il])[clear])
-    return n_pruned
-
-
-def _odp_meta(path: Path):
-    fields = GGUFReader(path).fields
-    mu = [float(v) for v in fields["mc2gguf.odp.mu"].contents()]
-    norm = [float(v) for v in fields["mc2gguf.odp.protect_norm"].contents()]
-    q = np.array(fields["mc2gguf.odp.router_norm_quantiles"].contents(), dtype=np.float32).reshape(N_LAYER, 101) \
-        if "mc2gguf.odp.router_norm_quantiles" in fields else None
-    return mu, norm, q
-
-
 @pytest.mark.parametrize("n_tokens", BATCH_SIZES)
 def test_odp_decisions_equal_reference(odp_file, n_tokens):
-    mu, norm, q = _odp_meta(odp_file)
+    mu, norm, q = odp_meta(odp_file)
     tokens = random_tokens(n_tokens, seed=10 + n_tokens)
     # the calibrated protect ratio (tau = protect_norm), then 30 % protected (tau = the 0.70 quantile)
     for ratio, tau in ((None, norm), (0.3, [llama_tau(q[il], 0.3) for il in range(N_LAYER)])):
@@ -356,7 +280,7 @@ def test_odp_decisions_equal_reference(odp_file, n_tokens):
 def test_odp_across_ubatches_and_decode(odp_file):
     """Prefill split into uneven ubatches, then token-by-token decode, with flash attention: the counter sums
     what every graph did."""
-    mu, norm, _ = _odp_meta(odp_file)
+    mu, norm, _ = odp_meta(odp_file)
     run = eval_tokens(odp_file, random_tokens(300, seed=5), n_ubatch=128, decode_steps=6, capture=CAPTURE,
                       flash_attn=True)
     assert len(run["tensors"]["ffn_moe_weights_odp-0"]) == 3 + 6
@@ -423,7 +347,7 @@ def test_odp_mu_zero_and_full_protection_change_nothing(odp_file, tmp_path):
     assert on["pruned"] > 0 and not np.array_equal(on["logits"], off)
     protected = eval_tokens(odp_file, tokens, protect_ratio=1.0)
     assert protected["pruned"] == 0 and np.array_equal(protected["logits"], off)
-    mu, norm, q = _odp_meta(odp_file)
+    mu, norm, q = odp_meta(odp_file)
     zero = rewrite(odp_file, tmp_path / "mu0.gguf", set_kv=odp_kv([0.0] * N_LAYER, norm, 0.02, q))
     run = eval_tokens(zero, tokens)
     assert run["pruned"] == 0 and np.array_equal(run["logits"], off)

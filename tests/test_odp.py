@@ -20,8 +20,9 @@ needs_cuda_op = pytest.mark.skipif(
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def op_route(logits, top_k, mu, protect=None, importance=None, protect_ratio=0.0):
-    ids, weights, n = torch.ops.mc2gguf_odp.route(logits, top_k, float(mu), protect, importance, float(protect_ratio))
+def op_route(logits, top_k, mu, protect=None, importance=None, protect_ratio=0.0, renormalize=True):
+    ids, weights, n = torch.ops.mc2gguf_odp.route(logits, top_k, float(mu), protect, importance, float(protect_ratio),
+                                                  renormalize)
     return ids, weights, int(n)
 
 
@@ -35,7 +36,7 @@ def assert_same_routing(got, want):
     torch.testing.assert_close(weights.cpu(), weights_ref.cpu(), rtol=4e-7, atol=1e-7)
 
 
-def naive_route(logits, top_k, mu, protected):
+def naive_route(logits, top_k, mu, protected, renormalize=True):
     """docs/odp.md written out token by token, in Python floats where the spec allows."""
     thr = torch.tensor(-math.inf if mu == 0 else math.log(mu), dtype=torch.float32)
     x = logits.float()
@@ -46,7 +47,7 @@ def naive_route(logits, top_k, mu, protected):
         top = x[t, order[0]]
         keep = [s == 0 or bool(protected[t]) or not bool((x[t, order[s]] - top) < thr) for s in range(top_k)]
         ex = [math.exp(float(x[t, order[s]] - top)) if keep[s] else 0.0 for s in range(top_k)]
-        total = sum(ex)
+        total = sum(ex) if renormalize else sum(math.exp(float(v - top)) for v in x[t])
         ids_out.append([order[s] if keep[s] else -1 for s in range(top_k)])
         w_out.append([v / total for v in ex])
         n_pruned += keep.count(False)
@@ -106,7 +107,8 @@ def test_compiled_op_is_active():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (8, 4), (64, 1), (64, 2), (64, 4)])
 @pytest.mark.parametrize("kind", ["random", "ties", "equal", "masked", "zeros", "huge"])
-def test_op_matches_reference(dtype, E, k, kind):
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renormalised", "softmax-weights"])
+def test_op_matches_reference(dtype, E, k, kind, renormalize):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype} {E} {k} {kind}".encode()))
     for T in (0, 1, 300):
         logits = make_logits(kind, T, E, dtype, gen)
@@ -121,6 +123,7 @@ def test_op_matches_reference(dtype, E, k, kind):
                 {"importance": imp, "protect_ratio": 0.5, "protect": prot},
             ]
             for extra in cases:
+                extra["renormalize"] = renormalize
                 want = odp.route_reference(logits, k, mu, **extra)
                 assert_same_routing(op_route(logits, k, mu, **extra), want)
                 assert_same_routing(odp.route(logits, k, mu, **extra), want)
@@ -128,16 +131,41 @@ def test_op_matches_reference(dtype, E, k, kind):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("kind", ["random", "ties", "masked", "zeros"])
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_reference_matches_naive_rule(dtype, kind, k):
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renormalised", "softmax-weights"])
+def test_reference_matches_naive_rule(dtype, kind, k, renormalize):
     gen = torch.Generator().manual_seed(7 + k)
     logits = make_logits(kind, 40, 8, dtype, gen)
     prot = torch.rand(40, generator=gen) < 0.25
     for mu in (0.0, 0.3, 0.6, 1.0):
-        ids, w, n = odp.route_reference(logits, k, mu, protect=prot)
-        ids_n, w_n, n_n = naive_route(logits, k, mu, prot)
+        ids, w, n = odp.route_reference(logits, k, mu, protect=prot, renormalize=renormalize)
+        ids_n, w_n, n_n = naive_route(logits, k, mu, prot, renormalize)
         assert torch.equal(ids, ids_n) and n == n_n
         torch.testing.assert_close(w, w_n, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_plain_routing_of_each_gating_kind(impl):
+    """mu = 0 is the families' plain routing: softmax over all experts, top-k, then the k weights renormalised
+    (Mixtral, Qwen3-MoE) or kept (OLMoE, Qwen2-MoE). Without renormalisation a survivor of pruning keeps its
+    plain weight bit for bit."""
+    if impl == "op" and not HAVE_OP:
+        pytest.skip(f"ODP extension not loaded ({odp.BACKEND_DETAIL})")
+    route = op_route if impl == "op" else odp.route_reference
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(500, 64, generator=gen) * 2
+    probs = torch.softmax(logits.double(), -1)
+    top = torch.topk(probs, 8, -1)
+    for renormalize in (True, False):
+        ids, w, n = route(logits, 8, 0.0, renormalize=renormalize)
+        assert n == 0 and torch.equal(ids, top.indices)
+        want = top.values / top.values.sum(-1, keepdim=True) if renormalize else top.values
+        torch.testing.assert_close(w.double(), want, rtol=2e-6, atol=1e-7)
+    plain = route(logits, 8, 0.0, renormalize=False)[1]
+    ids, w, n = route(logits, 8, 0.5, renormalize=False)
+    assert 0 < n < 500 * 7
+    kept = ids >= 0
+    assert torch.equal(w[kept], plain[kept]) and (w[~kept] == 0).all()
 
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
@@ -402,7 +430,7 @@ def test_decode_protect_and_calibration():
     with pytest.raises(ValueError):
         odp.calibrate_mu([])
     logits = torch.randn(501, 8, generator=gen)
-    ratios = odp.top2_ratios(logits)
+    ratios = odp.slot_ratios(logits, 2)
     _, w, _ = odp.route_reference(logits, 2, 0.0)
     torch.testing.assert_close(ratios, w[:, 1] / w[:, 0], rtol=1e-6, atol=0)
     # mu = the median ratio prunes the tokens whose ratio is below it: about half
@@ -410,3 +438,10 @@ def test_decode_protect_and_calibration():
     _, _, n = odp.route(logits, 2, mu)
     # (the rule compares logit gaps with fl32(ln mu): the median token itself may go either way)
     assert abs(n - int((ratios < mu).sum())) <= 1 and 240 <= n <= 251
+    # top-4: the ratios of slots 1-3, in slot order per token, the same for plain softmax weights; the median
+    # prunes about half of the non-top slots
+    ratios = odp.slot_ratios(logits, 4)
+    _, w, _ = odp.route_reference(logits, 4, 0.0, renormalize=False)
+    torch.testing.assert_close(ratios, (w[:, 1:] / w[:, :1]).reshape(-1), rtol=1e-6, atol=0)
+    _, _, n = odp.route(logits, 4, odp.calibrate_mu(ratios), renormalize=False)
+    assert abs(n - 501 * 3 // 2) <= 2

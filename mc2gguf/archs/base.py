@@ -17,9 +17,11 @@ class Role(Enum):
     EMBEDDING = "embedding"
     OUTPUT = "output"
     NORM = "norm"
+    BIAS = "bias"
     ATTENTION = "attention"
     ROUTER = "router"
-    EXPERTS = "experts"
+    EXPERTS = "experts"  # the routed experts, stacked per projection
+    SHARED_EXPERT = "shared_expert"  # an expert every token takes (a plain FFN: typed like attention)
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,12 @@ class ArchAdapter:
     def router_logits(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router logits ``[T, E]`` -> selected expert ids ``[T, k]`` and their weights ``[T, k]``."""
+    def route(self, logits: torch.Tensor, mu: float = 0.0, protect: torch.Tensor | None = None,
+              importance: torch.Tensor | None = None, protect_ratio: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Router logits ``[T, E]`` -> selected expert ids ``[T, k]``, their weights ``[T, k]`` and the number of
+        pruned slots: the family's routing through ODP's rule (:func:`mc2gguf.odp.route`; ``mu = 0`` is plain
+        routing, bit for bit)."""
         raise NotImplementedError
 
     def expert_activation(self, expert: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +156,7 @@ class ArchAdapter:
         ``routing`` ``(ids, weights)`` replaces the layer's own (ODP's, with ``-1`` in skipped slots);
         ``visit`` is :func:`blocks.dispatch_experts`'.
         """
-        ids, weights = routing if routing is not None else self.route(self.router_logits(layer, x))
+        ids, weights = routing if routing is not None else self.route(self.router_logits(layer, x))[:2]
         experts = layer.experts
         out = blocks.dispatch_experts(x, ids, weights, len(experts), lambda e, xe, _: self.expert_activation(experts[e], xe),
                                       lambda e: experts[e].down, visit)

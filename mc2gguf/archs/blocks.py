@@ -8,6 +8,7 @@ routing and pruning with ``mu = 0`` are the same arithmetic.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,31 +38,60 @@ def redo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def queries_keys(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, n_head: int, n_head_kv: int, head_dim: int,
-                 theta: float, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                 norm_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-RoPE queries ``[B, heads, S, D]`` and keys ``[B, kv_heads, S, D]`` of the normed ``x`` ``[B, S, H]``.
+@dataclass(frozen=True)
+class Heads:
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rope_theta: float
 
-    ``q_norm``/``k_norm`` ``[D]``: an RMSNorm over each head's vector before RoPE (Qwen3's ``q_norm``/``k_norm``,
-    llama.cpp's ``attn_q_norm``/``attn_k_norm``); without them nothing is normed.
-    """
+
+@dataclass(frozen=True)
+class QKV:
+    """An attention's input projections ``[out, H]``, their optional biases, and the optional RMSNorm of the
+    queries and keys before RoPE: over each head's vector (``per_head``, Qwen3's ``[head_dim]`` weights) or over
+    the whole projection (OLMoE's ``[heads * head_dim]``); llama.cpp's ``attn_q_norm``/``attn_k_norm``."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    per_head: bool = True
+    norm_eps: float = 1e-6
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ w.T if bias is None else x @ w.T + bias
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, bias, norm, per_head: bool, eps: float, n: int,
+             head_dim: int) -> torch.Tensor:
     b, s, _ = x.shape
-    q = (x @ wq.T).view(b, s, n_head, head_dim)
-    k = (x @ wk.T).view(b, s, n_head_kv, head_dim)
-    if q_norm is not None:
-        q = rms_norm(q, q_norm, norm_eps)
-    if k_norm is not None:
-        k = rms_norm(k, k_norm, norm_eps)
-    return rope(q.transpose(1, 2), theta), rope(k.transpose(1, 2), theta)
+    y = _linear(x, w, bias)
+    if norm is not None and not per_head:
+        y = rms_norm(y, norm, eps)
+    y = y.view(b, s, n, head_dim)
+    if norm is not None and per_head:
+        y = rms_norm(y, norm, eps)
+    return y
 
 
-def attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor, n_head: int,
-              n_head_kv: int, head_dim: int, theta: float, **qk_norm) -> torch.Tensor:
-    """Causal grouped-query self-attention of the normed ``x`` ``[B, S, H]`` (the residual not added);
-    ``qk_norm``: :func:`queries_keys`' optional per-head norms (``q_norm``, ``k_norm``, ``norm_eps``)."""
+def queries_keys(x: torch.Tensor, p: QKV, heads: Heads) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE queries ``[B, heads, S, D]`` and keys ``[B, kv_heads, S, D]`` of the normed ``x`` ``[B, S, H]``."""
+    q = _project(x, p.q, p.q_bias, p.q_norm, p.per_head, p.norm_eps, heads.n_head, heads.head_dim)
+    k = _project(x, p.k, p.k_bias, p.k_norm, p.per_head, p.norm_eps, heads.n_head_kv, heads.head_dim)
+    return rope(q.transpose(1, 2), heads.rope_theta), rope(k.transpose(1, 2), heads.rope_theta)
+
+
+def attention(x: torch.Tensor, p: QKV, wo: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """Causal grouped-query self-attention of the normed ``x`` ``[B, S, H]`` (the residual not added)."""
     b, s, _ = x.shape
-    q, k = queries_keys(x, wq, wk, n_head, n_head_kv, head_dim, theta, **qk_norm)
-    v = (x @ wv.T).view(b, s, n_head_kv, head_dim).transpose(1, 2)
+    q, k = queries_keys(x, p, heads)
+    v = _linear(x, p.v, p.v_bias).view(b, s, heads.n_head_kv, heads.head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return out.transpose(1, 2).reshape(b, s, -1) @ wo.T
 

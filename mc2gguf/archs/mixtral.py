@@ -10,7 +10,7 @@ from __future__ import annotations
 from gguf import MODEL_TENSOR
 
 from .base import Role
-from .decoder import MoEDecoderAdapter
+from .decoder import LLAMA_LAYER, LayerTensor, MoEDecoderAdapter
 
 
 class MixtralAdapter(MoEDecoderAdapter):
@@ -18,15 +18,8 @@ class MixtralAdapter(MoEDecoderAdapter):
     gguf_architecture = "llama"
     family = "Mixtral"
     type_groups_in_llama = True  # patch 0004 wires the type groups into models/llama.cpp
-    layer_tensors = {
-        "input_norm": ("input_layernorm", MODEL_TENSOR.ATTN_NORM, Role.NORM),
-        "q": ("self_attn.q_proj", MODEL_TENSOR.ATTN_Q, Role.ATTENTION),
-        "k": ("self_attn.k_proj", MODEL_TENSOR.ATTN_K, Role.ATTENTION),
-        "v": ("self_attn.v_proj", MODEL_TENSOR.ATTN_V, Role.ATTENTION),
-        "o": ("self_attn.o_proj", MODEL_TENSOR.ATTN_OUT, Role.ATTENTION),
-        "post_norm": ("post_attention_layernorm", MODEL_TENSOR.FFN_NORM, Role.NORM),
-        "router": ("block_sparse_moe.gate", MODEL_TENSOR.FFN_GATE_INP, Role.ROUTER),
-    }
+    layer_tensors = {**LLAMA_LAYER,
+                     "router": LayerTensor("block_sparse_moe.gate", MODEL_TENSOR.FFN_GATE_INP, Role.ROUTER)}
     expert_name = "block_sparse_moe.experts.{expert}.{name}"
     projection_names = {"gate": "w1", "up": "w3", "down": "w2"}
     expert_order = ("gate", "down", "up")  # llama.cpp's converter order

@@ -95,14 +95,15 @@ class RunStats:
 
 
 class LayerCollector:
-    """Collects per layer the plain routing's top-2 ratios and the router inputs' L1 norms (calibration)."""
+    """Collects per layer the plain routing's slot weight ratios and the router inputs' L1 norms (calibration)."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, top_k: int):
+        self.top_k = top_k
         self.ratios: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.norms: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
 
     def add(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> None:
-        self.ratios[layer].append(odp.top2_ratios(logits))
+        self.ratios[layer].append(odp.slot_ratios(logits, self.top_k))
         self.norms[layer].append(odp.router_input_norm(x))
 
 
@@ -175,11 +176,11 @@ class EvalModel:
             if collect is not None:
                 collect.add(i, x, logits)
             if odp_cfg is None:
-                ids, weights = a.route(logits)
-                n_pruned, n_prot = 0, 0
+                ids, weights, n_pruned = a.route(logits)
+                n_prot = 0
             else:
                 protect, importance, ratio = self.protection(odp_cfg, i, x, q_k)
-                ids, weights, n_pruned = odp.route(logits, self.top_k, odp_cfg.mu(i), protect, importance, ratio)
+                ids, weights, n_pruned = a.route(logits, odp_cfg.mu(i), protect, importance, ratio)
                 n_prot = int(odp.protect_mask(x.shape[0], protect, importance, ratio).sum()) \
                     if stats is not None else 0
             if stats is not None:
@@ -195,7 +196,7 @@ class EvalModel:
 @dataclass
 class OdpCalibration:
     params: OdpParams
-    ratios: list[torch.Tensor]  # per layer: every calibration token's w1/w0
+    ratios: list[torch.Tensor]  # per layer: every calibration token's w_s/w_0 of its slots s > 0
     norms: list[torch.Tensor]  # per layer: every calibration token's router-input L1 norm
 
 
@@ -207,7 +208,7 @@ def calibrate_odp(model: EvalModel, calib_files: Sequence[Path], protect_ratio: 
     if not 0.0 <= protect_ratio <= 1.0:
         raise Mc2ggufError(f"--protect must be in [0, 1], got {protect_ratio}")
     cal = load_calibration(model.model_dir, [Path(f) for f in calib_files], nsamples, seqlen, seed)
-    collector = LayerCollector(model.n_layers)
+    collector = LayerCollector(model.n_layers, model.top_k)
     rows = range(cal.tokens.shape[0])
     if progress:
         from tqdm import tqdm

@@ -292,12 +292,13 @@ def run_chat(model: Path, *, system: str | None = None, n_ctx: int = 4096, n_thr
         raise Mc2ggufError("chat keeps experts in system memory only on CPU-only builds so far: use "
                            "`mc2gguf serve --cpu-moe` / `--n-cpu-moe N`")
     llm = load_model(model, n_ctx, n_threads, placement)
+    tty = stdin.isatty()
+    sigint = signal.getsignal(signal.SIGINT)
 
     try:
         if odp_lib is not None:
             _apply_odp(llm, odp_lib, moe_prune, moe_protect, model, notice)
         session = ChatSession(llm, system, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        tty = stdin.isatty()
 
         def write(piece: str) -> None:
             stdout.write(piece)
@@ -341,7 +342,11 @@ def run_chat(model: Path, *, system: str | None = None, n_ctx: int = 4096, n_thr
             if stop.requested:
                 notice("(answer stopped)")
     finally:
+        if tty:  # quitting: a ^C pressed again while llama.cpp frees the model must not end in a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         llm.close()
+        if tty:
+            signal.signal(signal.SIGINT, sigint)
 
 
 # --------------------------------------------------------------------------------------------- serve

@@ -9,7 +9,7 @@ this package, the compiled op in ``cpp_ext/`` and the llama.cpp patch all follow
   torch), :func:`protect_mask`, :func:`n_protect`;
 - ``importance``: :func:`token_importance`, :func:`attention_received`, :func:`attention_received_from_qk`
   (prefill protection), :func:`decode_protect` and :func:`router_input_norm` (the decode proxy);
-- ``thresholds``: :func:`top2_ratios`, :func:`calibrate_mu`, :func:`calibrate_protect_norm`, the one
+- ``thresholds``: :func:`slot_ratios`, :func:`calibrate_mu`, :func:`calibrate_protect_norm`, the one
   definition of the per-layer thresholds; ``params``: :class:`OdpParams`, their file and GGUF form;
 - ``extension``: the compiled op, loaded on first use. :data:`BACKEND` (``"cuda"``, ``"cpp"`` or
   ``"torch"``) and :data:`BACKEND_DETAIL` say which runs; reading them loads it.
@@ -24,11 +24,11 @@ from .importance import (attention_received, attention_received_from_qk, decode_
                          token_importance)
 from .params import OdpParams
 from .rule import n_protect, protect_mask, route, route_reference
-from .thresholds import calibrate_mu, calibrate_protect_norm, top2_ratios
+from .thresholds import calibrate_mu, calibrate_protect_norm, slot_ratios
 
 __all__ = [
     "BACKEND", "BACKEND_DETAIL", "route", "route_reference", "n_protect", "protect_mask", "token_importance",
-    "attention_received", "attention_received_from_qk", "router_input_norm", "decode_protect", "top2_ratios",
+    "attention_received", "attention_received_from_qk", "router_input_norm", "decode_protect", "slot_ratios",
     "calibrate_mu", "calibrate_protect_norm", "OdpParams", "build_extension",
 ]
 

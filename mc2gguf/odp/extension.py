@@ -126,7 +126,7 @@ def _load_backend() -> tuple[str, str]:
     return ("cuda" if has_cuda else "cpp"), where
 
 
-def _route_fake(logits, top_k, mu, protect=None, importance=None, protect_ratio=0.0):
+def _route_fake(logits, top_k, mu, protect=None, importance=None, protect_ratio=0.0, renormalize=True):
     T = logits.shape[0]
     return (
         logits.new_empty((T, top_k), dtype=torch.int64),

@@ -1,6 +1,6 @@
 """ODP's routing rule (docs/odp.md): top-k selection, the pruning of unprotected slots whose weight is small
-next to the top one's, and the renormalisation of the survivors. Plain top-k routing is this rule with
-``mu = 0``, so pruning off and plain routing are the same arithmetic."""
+next to the top one's, and the survivors' weights (renormalised where the family renormalises its top-k).
+Plain top-k routing is this rule with ``mu = 0``, so pruning off and plain routing are the same arithmetic."""
 
 from __future__ import annotations
 
@@ -90,12 +90,15 @@ def route_reference(
     protect: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
     protect_ratio: float = 0.0,
+    renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Pure-torch ODP routing (docs/odp.md); the compiled op's specification, and its fallback.
 
     Returns ``ids`` ``[T, k]`` int64 (``-1`` in pruned slots), ``weights`` ``[T, k]`` float32 (``0`` in pruned
-    slots, survivors summing to 1) and ``n_pruned``, the number of ``-1`` slots. Slots are ordered by logit,
-    descending, lower expert id first among equal logits. Differentiable through the surviving weights.
+    slots) and ``n_pruned``, the number of ``-1`` slots. Slots are ordered by logit, descending, lower expert id
+    first among equal logits. ``renormalize``: the survivors' weights sum to 1 (Mixtral, Qwen3-MoE); otherwise
+    every survivor keeps its softmax weight over all experts (OLMoE, Qwen2-MoE). Differentiable through the
+    surviving weights.
     """
     top_k = int(top_k)
     _check(logits, top_k, protect, importance, float(protect_ratio))
@@ -110,9 +113,11 @@ def route_reference(
     keep = ~(d < thr) | prot[:, None]
     keep[:, 0] = True
     e = torch.where(keep, torch.exp(d), torch.zeros((), dtype=torch.float32, device=logits.device))
-    total = e[:, 0]
-    for s in range(1, top_k):  # summed in slot order, as the C++/CUDA kernels do
-        total = total + e[:, s]
+    # summed in slot order (survivors) or expert order (all experts), as the C++/CUDA kernels do
+    terms = e if renormalize else torch.exp(x - vals[:, :1])
+    total = terms[:, 0]
+    for s in range(1, terms.shape[1]):
+        total = total + terms[:, s]
     weights = e / total[:, None]
     ids = torch.where(keep, ids, torch.full((), -1, dtype=ids.dtype, device=ids.device))
     return ids, weights, int((~keep).sum())
@@ -125,19 +130,20 @@ def route(
     protect: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
     protect_ratio: float = 0.0,
+    renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """ODP routing of ``logits`` ``[T, E]`` (fp32/bf16/fp16/fp64, computed in fp32); see :func:`route_reference`.
 
     ``mu``: the layer's threshold (0 never prunes). ``protect``: ``[T]`` bool mask of protected tokens;
     ``importance`` ``[T]`` with ``protect_ratio``: also protect the ``n_protect(protect_ratio, T)`` most
-    important tokens. Runs the compiled op when :data:`mc2gguf.odp.BACKEND` supports the tensor's device, the torch
-    reference otherwise (and whenever gradients are wanted: the op is inference-only). For
-    ``torch.compile`` call ``torch.ops.mc2gguf_odp.route`` directly: it returns ``n_pruned`` as a 0-dim
-    tensor, where this wrapper's ``int`` would break the graph.
+    important tokens. ``renormalize``: the family's top-k weights are renormalised. Runs the compiled op when
+    :data:`mc2gguf.odp.BACKEND` supports the tensor's device, the torch reference otherwise (and whenever
+    gradients are wanted: the op is inference-only). For ``torch.compile`` call ``torch.ops.mc2gguf_odp.route``
+    directly: it returns ``n_pruned`` as a 0-dim tensor, where this wrapper's ``int`` would break the graph.
     """
     if extension.supports(logits, top_k):
         ids, weights, n = torch.ops.mc2gguf_odp.route(
-            logits, int(top_k), float(mu), protect, importance, float(protect_ratio)
+            logits, int(top_k), float(mu), protect, importance, float(protect_ratio), bool(renormalize)
         )
         return ids, weights, int(n)
-    return route_reference(logits, top_k, mu, protect, importance, protect_ratio)
+    return route_reference(logits, top_k, mu, protect, importance, protect_ratio, renormalize)

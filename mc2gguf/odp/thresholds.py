@@ -1,6 +1,7 @@
-"""ODP's per-layer thresholds from calibration, defined once: ``mu`` (the median top-2 weight ratio) and the
-decode proxy's norm threshold (exceeded by exactly the protected fraction of calibration tokens). ``mc2gguf
-convert`` (PMQ), ``mc2gguf eval --calibrate-odp`` and the bench all compute them here."""
+"""ODP's per-layer thresholds from calibration, defined once: ``mu`` (the median ratio of a non-top slot's weight
+to the top one's) and the decode proxy's norm threshold (exceeded by exactly the protected fraction of
+calibration tokens). ``mc2gguf convert`` (PMQ), ``mc2gguf eval --calibrate-odp`` and the bench all compute them
+here."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import torch
 from .rule import n_protect
 
 
-def top2_ratios(logits: torch.Tensor) -> torch.Tensor:
-    """``w_1 / w_0`` of each token's top-2 experts, ``exp(l_1 - l_0)`` in fp32: what :func:`calibrate_mu`
-    takes the median of. ``logits`` ``[T, E]`` with ``E >= 2``."""
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be [T, E >= 2], got {tuple(logits.shape)}")
-    vals = torch.topk(logits.float(), 2, dim=1).values
-    return torch.exp(vals[:, 1] - vals[:, 0])
+def slot_ratios(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``w_s / w_0`` of every token's slots ``s = 1 .. k-1``, ``exp(l_s - l_0)`` in fp32 (the ratio ODP compares
+    with ``mu``, the same for renormalised and plain softmax weights): what :func:`calibrate_mu` takes the
+    median of, so that ``mu`` prunes about half of the non-top slots of unprotected tokens (with top-2, the
+    paper's median of ``w_1 / w_0``). ``logits`` ``[T, E]``, ``2 <= top_k <= E``."""
+    if logits.dim() != 2 or not 2 <= top_k <= logits.shape[1]:
+        raise ValueError(f"logits must be [T, E >= top_k >= 2], got {tuple(logits.shape)} with top_k {top_k}")
+    vals = torch.topk(logits.float(), top_k, dim=1).values
+    return torch.exp(vals[:, 1:] - vals[:, :1]).reshape(-1)
 
 
 def _as_1d_float64(values) -> torch.Tensor:
@@ -37,7 +40,7 @@ def _as_1d_float64(values) -> torch.Tensor:
 
 
 def calibrate_mu(ratios) -> float:
-    """A layer's ``mu``: the median of its calibration ``w_1 / w_0`` ratios (mean of the two middle values for
+    """A layer's ``mu``: the median of its calibration ``w_s / w_0`` ratios (:func:`slot_ratios`) (mean of the two middle values for
     an even count). ``ratios``: a tensor, a list of tensors (e.g. one per batch) or numbers."""
     t = torch.sort(_as_1d_float64(ratios)).values
     n = t.numel()

@@ -93,7 +93,7 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
         return PMQResult(None, size, allocation, report)
     non_expert = {}
     for plan in base_plan.tensors:
-        if plan.spec.role is Role.ATTENTION:
+        if plan.spec.role in (Role.ATTENTION, Role.SHARED_EXPERT):
             non_expert.setdefault(plan.spec.layer, []).append(plan)
     quantized_work = WorkDir(root / "quantize", opts.fingerprint(checkpoint), replace_other=True)
     quantize_layers(adapter, cal, types, non_expert, opts, work, quantized_work)

@@ -105,7 +105,7 @@ def calibrate_layer(
     x = adapter.moe_input(layer, h_attn).reshape(-1, h.shape[-1])
     routed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     logits = adapter.router_logits(layer, x)
-    out, ids, weights = adapter.moe_forward(layer, x, adapter.route(logits),
+    out, ids, weights = adapter.moe_forward(layer, x, adapter.route(logits)[:2],
                                             lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
     n_tokens, top_k = ids.shape
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
@@ -133,7 +133,7 @@ def calibrate_layer(
         n_tokens=n_tokens,
         phi=phi,
         mean_weight=mean_weight,
-        mu=odp.calibrate_mu(odp.top2_ratios(logits)) if top_k > 1 else 0.0,
+        mu=odp.calibrate_mu(odp.slot_ratios(logits, top_k)) if top_k > 1 else 0.0,
         router_norms=torch.sort(norms).values,
         unused_experts=unused,
         experts=experts,

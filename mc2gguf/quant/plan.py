@@ -1,8 +1,8 @@
 """One GGUF type for every tensor of a model, and its bytes (``mc2gguf convert --type T``, and PMQ's non-expert
 tensors).
 
-``uniform_plan`` gives every weight matrix the requested type, with llama.cpp's usual exceptions (norms and
-the router stay F32, the output projection gets at least Q6_K, as llama-quantize does); a type whose
+``uniform_plan`` gives every weight matrix the requested type, with llama.cpp's usual exceptions (norms, biases and
+the routers stay F32, the output projection gets at least Q6_K, as llama-quantize does); a type whose
 blocks do not divide a tensor's rows falls back to the nearest type that fits, with a warning.
 """
 
@@ -34,7 +34,7 @@ class Plan:
 
 
 def _wanted_type(spec: TensorSpec, requested: QuantType) -> QuantType:
-    if spec.role in (Role.NORM, Role.ROUTER) or len(spec.shape) == 1:
+    if spec.role in (Role.NORM, Role.BIAS, Role.ROUTER) or len(spec.shape) == 1:
         return quant_type("F32")
     if spec.role is Role.OUTPUT and requested.packer is not Packer.FLOAT:
         q6 = quant_type("Q6_K")

@@ -66,8 +66,8 @@ def self_attention(c: DenseConfig, layer: dict[str, torch.Tensor], h: torch.Tens
     """``Attn(RMSNorm(h))`` of a dense layer (the residual not added), ``h`` [batch, seq, d]: every MoE layer
     keeps the dense attention unchanged."""
     x = blocks.rms_norm(h, layer["input_norm"], c.eps)
-    return blocks.attention(x, layer["q"], layer["k"], layer["v"], layer["o"], c.n_heads, c.n_kv, c.head_dim,
-                            c.rope_theta)
+    return blocks.attention(x, blocks.QKV(layer["q"], layer["k"], layer["v"]), layer["o"],
+                            blocks.Heads(c.n_heads, c.n_kv, c.head_dim, c.rope_theta))
 
 
 def routing(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
