@@ -109,11 +109,15 @@ class MoEDecoderAdapter(ArchAdapter):
                 raise Mc2ggufError(f"{self.checkpoint.path / 'config.json'}: {self.family} with {what} is not "
                                    f"supported yet")
 
+    def default_rope(self) -> list[tuple[bool, str]]:
+        """RoPE scaling, which the decoder does not implement."""
+        return [(self.rope.get("rope_type", "default") != "default", f"rope_type {self.rope.get('rope_type')!r}")]
+
     def every_layer_moe_default_rope(self, cfg: dict) -> list[tuple[bool, str]]:
-        """The Qwen-style config fields for dense layers and RoPE scaling, which the decoder does not implement."""
+        """The Qwen-style config fields for dense layers, and RoPE scaling: what the decoder does not implement."""
         step, dense = int(cfg.get("decoder_sparse_step", 1)), list(cfg.get("mlp_only_layers") or [])
         return [(bool(dense) or step != 1, f"dense MLP layers (mlp_only_layers {dense}, decoder_sparse_step {step})"),
-                (self.rope.get("rope_type", "default") != "default", f"rope_type {self.rope.get('rope_type')!r}")]
+                *self.default_rope()]
 
     @property
     def moe(self) -> MoEShape:

@@ -28,5 +28,5 @@ class OlmoeAdapter(QwenStyleMoEAdapter):
             (bool(cfg.get("attention_bias")), "attention_bias"),
             (self.n_head_kv != self.n_head, f"{self.n_head_kv} key/value heads for {self.n_head} query heads "
                                             "(llama.cpp's olmoe reads a key norm of n_embd values)"),
-            (self.rope.get("rope_type", "default") != "default", f"rope_type {self.rope.get('rope_type')!r}"),
+            *self.default_rope(),
         ])
