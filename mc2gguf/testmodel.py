@@ -152,6 +152,35 @@ class TinyQwen2MoeConfig:
     rope_theta: float = 1000000.0
 
 
+@dataclass(frozen=True)
+class TinyDeepseekV2Config:
+    hidden_size: int = 256
+    intermediate_size: int = 512  # the dense layers' FFN
+    moe_intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    first_k_dense_replace: int = 1
+    num_attention_heads: int = 2
+    q_lora_rank: int | None = 256  # llama.cpp's deepseek2 needs it unless the model has 26 or 27 layers
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    routed_scaling_factor: float = 1.0
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class TinyDeepseekV3Config(TinyDeepseekV2Config):
+    n_group: int = 2
+    topk_group: int = 1
+    routed_scaling_factor: float = 2.5
+
+
 #: a test-model config -> its transformers config class and the fields every test model of the family has:
 #: every layer MoE, the routing llama.cpp's graph implements
 _BPE_FAMILIES = {
@@ -162,11 +191,19 @@ _BPE_FAMILIES = {
     TinyQwen2MoeConfig: ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", lambda c: dict(
         intermediate_size=2 * c.moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
         norm_topk_prob=False, qkv_bias=True, use_sliding_window=False)),
+    TinyDeepseekV2Config: ("DeepseekV2Config", "DeepseekV2ForCausalLM", lambda c: dict(
+        num_key_value_heads=c.num_attention_heads, topk_method="greedy", norm_topk_prob=False, n_group=None,
+        topk_group=None)),
+    # scoring_func and topk_method as DeepSeek-V3's config.json has them (transformers' class implies them)
+    TinyDeepseekV3Config: ("DeepseekV3Config", "DeepseekV3ForCausalLM", lambda c: dict(
+        num_key_value_heads=c.num_attention_heads, norm_topk_prob=True, scoring_func="sigmoid",
+        topk_method="noaux_tc", num_nextn_predict_layers=0)),
 }
+TinyConfig = (TinyQwen3MoeConfig | TinyOlmoeConfig | TinyQwen2MoeConfig | TinyDeepseekV2Config
+              | TinyDeepseekV3Config)
 
 
-def tiny_hf_config(config: TinyQwen3MoeConfig | TinyOlmoeConfig | TinyQwen2MoeConfig,
-                   tokenizer_dir: Path = BPE_TOKENIZER):
+def tiny_hf_config(config: TinyConfig, tokenizer_dir: Path = BPE_TOKENIZER):
     """The transformers config (its own class) of a test model of the family ``config`` names."""
     import transformers
 
@@ -185,12 +222,12 @@ def tiny_hf_config(config: TinyQwen3MoeConfig | TinyOlmoeConfig | TinyQwen2MoeCo
 
 def build_tiny_moe(
     out_dir: Path,
-    config: TinyQwen3MoeConfig | TinyOlmoeConfig | TinyQwen2MoeConfig = TinyQwen3MoeConfig(),
+    config: TinyConfig = TinyQwen3MoeConfig(),
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tokenizer_dir: Path = BPE_TOKENIZER,
 ) -> Path:
-    """Write a seeded random checkpoint of the family ``config`` names (Qwen3-MoE, OLMoE, Qwen2-MoE) from
+    """Write a seeded random checkpoint of the family ``config`` names (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2/V3) from
     transformers' own config class: untied head, experts one by one (``mlp.experts.N.{gate,up,down}_proj``, what
     transformers 5's ``save_pretrained`` writes), one shard per layer plus one for the embeddings and head,
     and the Hugging Face tokenizer files of ``tokenizer_dir`` (a ``tokenizer.json`` directory)."""

@@ -2,7 +2,8 @@
 
 ``base`` says what an adapter provides, ``blocks`` holds the forward pieces families share, ``decoder`` the
 table-driven Llama-style MoE decoder most families are, and each family is one module of tables (as llama.cpp
-keeps one file per model in ``src/models/``): ``mixtral``, ``qwen3moe``, ``olmoe``, ``qwen2moe``. To add a family: a module with an
+keeps one file per model in ``src/models/``): ``mixtral``, ``qwen3moe``, ``olmoe``, ``qwen2moe``, ``deepseek2``
+(DeepSeek-V2 and V3). To add a family: a module with an
 ``ArchAdapter`` (usually ``MoEDecoderAdapter``) subclass naming its Hugging Face architectures, and one line
 in ``_ADAPTERS``.
 """
@@ -21,6 +22,8 @@ _ADAPTERS = {
     "Qwen3MoeForCausalLM": ("qwen3moe", "Qwen3MoeAdapter"),
     "OlmoeForCausalLM": ("olmoe", "OlmoeAdapter"),
     "Qwen2MoeForCausalLM": ("qwen2moe", "Qwen2MoeAdapter"),
+    "DeepseekV2ForCausalLM": ("deepseek2", "DeepseekV2Adapter"),
+    "DeepseekV3ForCausalLM": ("deepseek2", "DeepseekV3Adapter"),
 }
 
 __all__ = ["PROJECTIONS", "ArchAdapter", "ExpertWeights", "LayerWeights", "MoEShape", "Role", "TensorSpec",

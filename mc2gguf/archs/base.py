@@ -22,6 +22,7 @@ class Role(Enum):
     ROUTER = "router"
     EXPERTS = "experts"  # the routed experts, stacked per projection
     SHARED_EXPERT = "shared_expert"  # an expert every token takes (a plain FFN: typed like attention)
+    DENSE_FFN = "dense_ffn"  # the FFN of a layer without experts (DeepSeek's leading layers): typed like attention
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,12 @@ class LayerWeights:
 
     index: int
     tensors: dict[str, torch.Tensor]  # attention, norms, router: adapter-specific keys
-    experts: list[ExpertWeights]
+    experts: list[ExpertWeights]  # none in a dense layer (its FFN is in ``tensors``)
     keys: dict[str, str]  # checkpoint name -> key in ``tensors``
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.experts)
 
     def replace(self, checkpoint_name: str, value: torch.Tensor) -> None:
         """Swap in another version (e.g. the dequantized one) of a non-expert tensor."""
@@ -103,6 +108,10 @@ class ArchAdapter:
         """Every tensor of the GGUF file, in the order it is written (layer by layer)."""
         raise NotImplementedError
 
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index`` routes to experts (DeepSeek's leading layers are dense FFNs)."""
+        return True
+
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
         """``{projection: (rows, cols)}`` of one routed expert."""
         experts = [s for s in self.tensors() if s.role is Role.EXPERTS]
@@ -134,13 +143,20 @@ class ArchAdapter:
     def router_logits(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def route(self, logits: torch.Tensor, mu: float = 0.0, protect: torch.Tensor | None = None,
+    def route(self, layer: LayerWeights, logits: torch.Tensor, mu: float = 0.0, protect: torch.Tensor | None = None,
               importance: torch.Tensor | None = None, protect_ratio: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Router logits ``[T, E]`` -> selected expert ids ``[T, k]``, their weights ``[T, k]`` and the number of
-        pruned slots: the family's routing through ODP's rule (:func:`mc2gguf.odp.route`; ``mu = 0`` is plain
-        routing, bit for bit)."""
+        """Router logits ``[T, E]`` of ``layer`` -> selected expert ids ``[T, k]``, their weights ``[T, k]`` and the
+        number of pruned slots: the family's routing through ODP's rule (:func:`mc2gguf.odp.route`; ``mu = 0`` is
+        plain routing, bit for bit)."""
         raise NotImplementedError
+
+    def slot_ratios(self, layer: LayerWeights, logits: torch.Tensor) -> torch.Tensor:
+        """``w_s / w_0`` of every token's slots ``s > 0`` under plain routing (what ODP's ``mu`` is calibrated
+        on): the logit gap's ``exp`` for softmax routing (:func:`mc2gguf.odp.slot_ratios`)."""
+        from ..odp import slot_ratios
+
+        return slot_ratios(logits, self.moe.top_k)
 
     def expert_activation(self, expert: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         """An expert's hidden activation (the input of its down projection)."""
@@ -150,13 +166,17 @@ class ArchAdapter:
         """Final hidden states -> logits (needs the output norm and projection)."""
         raise NotImplementedError
 
+    def dense_ffn(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """The FFN of a layer without experts, on ``x`` ``[T, H]``."""
+        raise NotImplementedError
+
     def moe_forward(self, layer: LayerWeights, x: torch.Tensor, routing=None, visit=None):
         """The MoE block on ``x`` ``[T, H]``: returns its output, the selected ids and their weights.
 
         ``routing`` ``(ids, weights)`` replaces the layer's own (ODP's, with ``-1`` in skipped slots);
         ``visit`` is :func:`blocks.dispatch_experts`'.
         """
-        ids, weights = routing if routing is not None else self.route(self.router_logits(layer, x))[:2]
+        ids, weights = routing if routing is not None else self.route(layer, self.router_logits(layer, x))[:2]
         experts = layer.experts
         out = blocks.dispatch_experts(x, ids, weights, len(experts), lambda e, xe, _: self.expert_activation(experts[e], xe),
                                       lambda e: experts[e].down, visit)
@@ -165,5 +185,6 @@ class ArchAdapter:
     def layer_forward(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         """One whole decoder layer, ``[B, S, H] -> [B, S, H]``."""
         h = self.attention_block(layer, h)
-        out, _, _ = self.moe_forward(layer, self.moe_input(layer, h).reshape(-1, h.shape[-1]))
+        x = self.moe_input(layer, h).reshape(-1, h.shape[-1])
+        out = self.moe_forward(layer, x)[0] if layer.is_moe else self.dense_ffn(layer, x)
         return h + out.reshape(h.shape)

@@ -28,6 +28,17 @@ def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
+def rope_interleaved(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs ``(x0, x1), (x2, x3), ...`` (DeepSeek's layout, llama.cpp's "norm"
+    RoPE); ``x`` is ``[B, heads, S, rope_dim]``."""
+    seq, dim = x.shape[-2], x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
+
+
 def undo_rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Hugging Face stores q/k rows in rotate-half order; llama.cpp expects interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -93,6 +104,51 @@ def attention(x: torch.Tensor, p: QKV, wo: torch.Tensor, heads: Heads) -> torch.
     q, k = queries_keys(x, p, heads)
     v = _linear(x, p.v, p.v_bias).view(b, s, heads.n_head_kv, heads.head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b, s, -1) @ wo.T
+
+
+@dataclass(frozen=True)
+class MLA:
+    """DeepSeek's multi-head latent attention in llama.cpp's form: the queries from ``q`` ``[heads * (nope +
+    rope), H]`` or through a low-rank ``q_a`` ``[q_rank, H]``, its RMSNorm ``q_a_norm`` and ``q_b``; one latent
+    ``kv_a`` ``[kv_rank + rope, H]`` (RMSNorm ``kv_a_norm`` over its first ``kv_rank``; the rest is a RoPE key
+    shared by every head), expanded per head into the keys by ``k_b`` ``[heads, kv_rank, nope]`` and the values
+    by ``v_b`` ``[heads, v_dim, kv_rank]`` (the converter's split of ``kv_b_proj``)."""
+
+    kv_a: torch.Tensor
+    kv_a_norm: torch.Tensor
+    k_b: torch.Tensor
+    v_b: torch.Tensor
+    rope_dim: int
+    rope_theta: float
+    norm_eps: float
+    q: torch.Tensor | None = None
+    q_a: torch.Tensor | None = None
+    q_a_norm: torch.Tensor | None = None
+    q_b: torch.Tensor | None = None
+
+
+def mla_queries_keys_values(x: torch.Tensor, p: MLA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Post-RoPE queries and keys ``[B, heads, S, nope + rope]`` and values ``[B, heads, S, v_dim]`` of the
+    normed ``x`` ``[B, S, H]``."""
+    b, s, _ = x.shape
+    n_head, kv_rank, nope = p.k_b.shape
+    q = x @ p.q.T if p.q is not None else rms_norm(x @ p.q_a.T, p.q_a_norm, p.norm_eps) @ p.q_b.T
+    q = q.view(b, s, n_head, nope + p.rope_dim).transpose(1, 2)
+    q_nope, q_pe = q.split([nope, p.rope_dim], dim=-1)
+    latent, k_pe = (x @ p.kv_a.T).split([kv_rank, p.rope_dim], dim=-1)
+    latent = rms_norm(latent, p.kv_a_norm, p.norm_eps)[:, None]  # [B, 1, S, kv_rank]
+    k_pe = rope_interleaved(k_pe[:, None], p.rope_theta).expand(b, n_head, s, p.rope_dim)
+    q = torch.cat([q_nope, rope_interleaved(q_pe, p.rope_theta)], -1)
+    k = torch.cat([latent @ p.k_b, k_pe], -1)
+    return q, k, latent @ p.v_b.transpose(1, 2)
+
+
+def mla_attention(x: torch.Tensor, p: MLA, wo: torch.Tensor) -> torch.Tensor:
+    """Causal multi-head latent attention of the normed ``x`` ``[B, S, H]`` (the residual not added)."""
+    b, s, _ = x.shape
+    q, k, v = mla_queries_keys_values(x, p)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return out.transpose(1, 2).reshape(b, s, -1) @ wo.T
 
 

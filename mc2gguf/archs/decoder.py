@@ -25,6 +25,7 @@ class LayerTensor(NamedTuple):
     tensor: MODEL_TENSOR
     role: Role
     suffix: str = "weight"
+    gguf_suffix: str = ""  # the GGUF name's suffix where it differs from the checkpoint's
 
 
 #: the tensors of a Llama decoder layer besides its FFN, under Hugging Face's names (every family here has them)
@@ -47,8 +48,8 @@ class MoEDecoderAdapter(ArchAdapter):
     family: str = ""  # for messages
     #: key in ``LayerWeights.tensors`` -> its ``LayerTensor``. Keys the forward reads besides the attention,
     #: norms and router: ``q_norm``/``k_norm`` (the q/k RMSNorm), ``q_bias``/``k_bias``/``v_bias``, and
-    #: ``shared_gate``/``shared_up``/``shared_down``/``shared_router`` (a shared expert scaled by
-    #: ``sigmoid(x @ shared_router)``)
+    #: ``shared_gate``/``shared_up``/``shared_down``/``shared_router`` (a shared expert, scaled by
+    #: ``sigmoid(x @ shared_router)`` where the family has that gate)
     layer_tensors: dict[str, LayerTensor] = {}
     #: an expert's weight under ``model.layers.N``, ``{expert}`` and ``{name}`` filled from ``projection_names``
     expert_name: str = ""
@@ -158,6 +159,22 @@ class MoEDecoderAdapter(ArchAdapter):
             out.update({cls.expert_weight_name(layer, e, p): per_expert[p] for p in cls.expert_order})
         return out
 
+    def layer_keys(self, index: int) -> list[str]:
+        """The ``layer_tensors`` keys decoder layer ``index`` has (all of them, in families without dense layers or
+        optional projections)."""
+        return list(self.layer_tensors)
+
+    def _layer_spec(self, layer: int, key: str) -> TensorSpec:
+        entry = self.layer_tensors[key]
+        gguf_name = tensor_name(entry.tensor, layer, entry.gguf_suffix or entry.suffix)
+        hf_name, role = self.layer_tensor_name(layer, key), entry.role
+        if self.permute_qk and key in ("q", "k"):
+            return self._rope_permuted(gguf_name, hf_name, layer, self.n_head if key == "q" else self.n_head_kv)
+        return self._plain(gguf_name, hf_name, role, layer)
+
+    def _load_layer_tensor(self, layer: int, key: str) -> torch.Tensor:
+        return self.checkpoint.load(self.layer_tensor_name(layer, key))
+
     def _plain(self, gguf_name: str, hf_name: str, role: Role, layer: int | None) -> TensorSpec:
         ckpt = self.checkpoint
         return TensorSpec(gguf_name, ckpt.shape(hf_name), role, layer, (hf_name,),
@@ -188,13 +205,11 @@ class MoEDecoderAdapter(ArchAdapter):
         # (Q6_K at least): the logits see its error directly.
         specs = [self._plain(tensor_name(MODEL_TENSOR.TOKEN_EMBD), "model.embed_tokens.weight",
                              Role.OUTPUT if tied else Role.EMBEDDING, None)]
-        permuted = {"q": self.n_head, "k": self.n_head_kv} if self.permute_qk else {}
         for i in range(self.moe.n_layers):
-            for key, (_, tensor, role, suffix) in self.layer_tensors.items():
-                gguf_name, hf_name = tensor_name(tensor, i, suffix), self.layer_tensor_name(i, key)
-                specs.append(self._rope_permuted(gguf_name, hf_name, i, permuted[key]) if key in permuted
-                             else self._plain(gguf_name, hf_name, role, i))
-            specs += [self._experts(i, p) for p in self.expert_order]
+            for key in self.layer_keys(i):
+                specs.append(self._layer_spec(i, key))
+            if self.is_moe_layer(i):
+                specs += [self._experts(i, p) for p in self.expert_order]
         specs.append(self._plain(tensor_name(MODEL_TENSOR.OUTPUT_NORM), "model.norm.weight", Role.NORM, None))
         if not tied:
             specs.append(self._plain(tensor_name(MODEL_TENSOR.OUTPUT), "lm_head.weight", Role.OUTPUT, None))
@@ -206,10 +221,10 @@ class MoEDecoderAdapter(ArchAdapter):
         return F.embedding(tokens, self.checkpoint.load("model.embed_tokens.weight"))
 
     def load_layer(self, index: int) -> LayerWeights:
-        names = {key: self.layer_tensor_name(index, key) for key in self.layer_tensors}
-        tensors = {key: self.checkpoint.load(name) for key, name in names.items()}
+        names = {key: self.layer_tensor_name(index, key) for key in self.layer_keys(index)}
+        tensors = {key: self._load_layer_tensor(index, key) for key in names}
         experts = [ExpertWeights(*(self.checkpoint.load(self.expert_weight_name(index, e, p)) for p in PROJECTIONS))
-                   for e in range(self.moe.n_experts)]
+                   for e in range(self.moe.n_experts)] if self.is_moe_layer(index) else []
         return LayerWeights(index, tensors, experts, {name: key for key, name in names.items()})
 
     def _projections(self, layer: LayerWeights) -> blocks.QKV:
@@ -236,7 +251,7 @@ class MoEDecoderAdapter(ArchAdapter):
     def router_logits(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         return x @ layer.tensors["router"].T
 
-    def route(self, logits: torch.Tensor, mu: float = 0.0, protect: torch.Tensor | None = None,
+    def route(self, layer: LayerWeights, logits: torch.Tensor, mu: float = 0.0, protect: torch.Tensor | None = None,
               importance: torch.Tensor | None = None, protect_ratio: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Softmax over all experts, top-k, the k weights renormalised where the family renormalises them.
@@ -251,9 +266,9 @@ class MoEDecoderAdapter(ArchAdapter):
     def moe_forward(self, layer: LayerWeights, x: torch.Tensor, routing=None, visit=None):
         out, ids, weights = super().moe_forward(layer, x, routing, visit)
         t = layer.tensors
-        if "shared_down" in t:  # the shared expert every token takes, scaled by its own sigmoid gate
+        if "shared_down" in t:  # the shared expert(s) every token takes, scaled by their sigmoid gate if any
             shared = blocks.swiglu(x, t["shared_gate"], t["shared_up"]) @ t["shared_down"].T
-            out = out + torch.sigmoid(x @ t["shared_router"].T) * shared
+            out = out + (torch.sigmoid(x @ t["shared_router"].T) * shared if "shared_router" in t else shared)
         return out, ids, weights
 
     def expert_activation(self, expert: ExpertWeights, x: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,10 @@ class _CachedCheckpoint:
             self._cache[name] = self._checkpoint.load(name)
         return self._cache[name]
 
-    def __getattr__(self, name):  # config, path, has, shape, ...
+    def has(self, name: str) -> bool:
+        return name in self._cache or self._checkpoint.has(name)
+
+    def __getattr__(self, name):  # config, path, shape, ...
         return getattr(self._checkpoint, name)
 
 
@@ -97,13 +100,12 @@ class RunStats:
 class LayerCollector:
     """Collects per layer the plain routing's slot weight ratios and the router inputs' L1 norms (calibration)."""
 
-    def __init__(self, n_layers: int, top_k: int):
-        self.top_k = top_k
-        self.ratios: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    def __init__(self, n_layers: int):
+        self.ratios: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # none for a dense layer
         self.norms: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
 
-    def add(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> None:
-        self.ratios[layer].append(odp.slot_ratios(logits, self.top_k))
+    def add(self, layer: int, x: torch.Tensor, ratios: torch.Tensor) -> None:
+        self.ratios[layer].append(ratios)
         self.norms[layer].append(odp.router_input_norm(x))
 
 
@@ -172,15 +174,18 @@ class EvalModel:
             q_k = a.queries_keys(layer, h) if odp_cfg is not None and odp_cfg.uses_attention else None
             h = a.attention_block(layer, h)
             x = a.moe_input(layer, h).reshape(-1, h.shape[-1])
+            if not layer.is_moe:
+                h = h + a.dense_ffn(layer, x).reshape(h.shape)
+                continue
             logits = a.router_logits(layer, x)
             if collect is not None:
-                collect.add(i, x, logits)
+                collect.add(i, x, a.slot_ratios(layer, logits))
             if odp_cfg is None:
-                ids, weights, n_pruned = a.route(logits)
+                ids, weights, n_pruned = a.route(layer, logits)
                 n_prot = 0
             else:
                 protect, importance, ratio = self.protection(odp_cfg, i, x, q_k)
-                ids, weights, n_pruned = a.route(logits, odp_cfg.mu(i), protect, importance, ratio)
+                ids, weights, n_pruned = a.route(layer, logits, odp_cfg.mu(i), protect, importance, ratio)
                 n_prot = int(odp.protect_mask(x.shape[0], protect, importance, ratio).sum()) \
                     if stats is not None else 0
             if stats is not None:
@@ -208,7 +213,7 @@ def calibrate_odp(model: EvalModel, calib_files: Sequence[Path], protect_ratio: 
     if not 0.0 <= protect_ratio <= 1.0:
         raise Mc2ggufError(f"--protect must be in [0, 1], got {protect_ratio}")
     cal = load_calibration(model.model_dir, [Path(f) for f in calib_files], nsamples, seqlen, seed)
-    collector = LayerCollector(model.n_layers, model.top_k)
+    collector = LayerCollector(model.n_layers)
     rows = range(cal.tokens.shape[0])
     if progress:
         from tqdm import tqdm
@@ -216,11 +221,12 @@ def calibrate_odp(model: EvalModel, calib_files: Sequence[Path], protect_ratio: 
         rows = tqdm(rows, desc="ODP calibration", unit="window", file=sys.stderr)
     for r in rows:
         model.forward(cal.tokens[r], collect=collector, with_head=False)
-    ratios = [torch.cat(r) for r in collector.ratios]
-    norms = [torch.cat(n) for n in collector.norms]
-    params = OdpParams(
-        mu=[odp.calibrate_mu(r) for r in ratios],
-        protect_norm=[finite_threshold(odp.calibrate_protect_norm(n, protect_ratio)) for n in norms],
+    ratios = [torch.cat(r) if r else torch.empty(0) for r in collector.ratios]
+    norms = [torch.cat(n) if n else torch.empty(0) for n in collector.norms]
+    params = OdpParams(  # a dense layer (no ratios) never prunes
+        mu=[odp.calibrate_mu(r) if r.numel() else 0.0 for r in ratios],
+        protect_norm=[finite_threshold(odp.calibrate_protect_norm(n, protect_ratio)) if n.numel() else 0.0
+                      for n in norms],
         protect_ratio=float(protect_ratio),
         source=f"calibrated by mc2gguf eval on {cal.tokens.shape[0]} x {cal.tokens.shape[1]} tokens of "
                f"{cal.source} (seed {seed})",

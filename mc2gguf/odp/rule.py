@@ -1,10 +1,14 @@
 """ODP's routing rule (docs/odp.md): top-k selection, the pruning of unprotected slots whose weight is small
 next to the top one's, and the survivors' weights (renormalised where the family renormalises its top-k).
-Plain top-k routing is this rule with ``mu = 0``, so pruning off and plain routing are the same arithmetic."""
+Plain top-k routing is this rule with ``mu = 0``, so pruning off and plain routing are the same arithmetic.
+
+Two gating kinds: softmax (Mixtral, Qwen, OLMoE, DeepSeek-V2), decided in the logit domain, and sigmoid scores
+with a selection bias and group-limited selection (DeepSeek-V3, :class:`SigmoidGating`), decided on the scores."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -22,11 +26,16 @@ def n_protect(ratio: float, n_tokens: int) -> int:
     return max(0, min(int(n_tokens), n))
 
 
-def _threshold(mu: float) -> torch.Tensor:
-    """fl32(ln(mu)) as a 0-dim fp32 tensor (the same double->float rounding the C++ op does)."""
+def _check_mu(mu: float) -> float:
     mu = float(mu)
     if not mu >= 0.0:  # also rejects NaN
         raise ValueError(f"mu must be >= 0 (and not NaN), got {mu}")
+    return mu
+
+
+def _threshold(mu: float) -> torch.Tensor:
+    """fl32(ln(mu)) as a 0-dim fp32 tensor (the same double->float rounding the C++ op does)."""
+    mu = _check_mu(mu)
     return torch.tensor(-math.inf if mu == 0.0 else math.log(mu), dtype=torch.float32)
 
 
@@ -81,6 +90,69 @@ def protect_mask(
         mask = mask.clone()
         mask[order] = True
     return mask
+
+
+#: llama.cpp's floor under the sum of renormalised weights (the smallest normal fp16), for sigmoid scores
+WEIGHT_SUM_MIN = 6.103515625e-5
+
+
+@dataclass(frozen=True)
+class SigmoidGating:
+    """DeepSeek-V3's routing (``noaux_tc``): scores ``sigmoid(l)``; experts chosen by ``score + bias`` among the
+    ``topk_group`` of ``n_group`` groups whose two best biased scores sum highest; weights the unbiased scores
+    of the chosen experts. llama.cpp's ``build_moe_ffn`` with ``LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID``."""
+
+    bias: torch.Tensor | None = None  # [E] the selection bias (e_score_correction_bias), or none
+    n_group: int = 1
+    topk_group: int = 1
+
+
+def _select_sigmoid(scores: torch.Tensor, top_k: int, gating: SigmoidGating) -> torch.Tensor:
+    """The chosen experts ``[T, k]``, by biased score, descending, the lower id first among equals."""
+    choice = scores if gating.bias is None else scores + gating.bias.to(scores.device, torch.float32)
+    if gating.n_group > 1:
+        T, E = choice.shape
+        grouped = choice.view(T, gating.n_group, E // gating.n_group)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        chosen = torch.sort(group_scores, dim=1, descending=True, stable=True).indices[:, : gating.topk_group]
+        in_group = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)
+        choice = choice.masked_fill(~in_group.repeat_interleave(E // gating.n_group, 1), -math.inf)
+    return torch.sort(choice, dim=1, descending=True, stable=True).indices[:, :top_k]
+
+
+def route_sigmoid(
+    logits: torch.Tensor,
+    top_k: int,
+    mu: float,
+    gating: SigmoidGating,
+    protect: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
+    protect_ratio: float = 0.0,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ODP routing of sigmoid-scored logits (docs/odp.md, "Sigmoid scores"); outputs as :func:`route_reference`.
+
+    Slot ``s > 0`` of an unprotected token is pruned iff ``w_s < fl32(w_0 * mu)``, ``w`` the chosen experts'
+    scores and slot 0 the first by biased score (the scores are the weights here, not a logit gap). The
+    survivors are renormalised (sum in slot order, floored at :data:`WEIGHT_SUM_MIN` as llama.cpp does) where
+    the family renormalises. Pure torch (the compiled op implements softmax gating only)."""
+    top_k = int(top_k)
+    _check(logits, top_k, protect, importance, float(protect_ratio))
+    mu_f32 = float(torch.tensor(_check_mu(mu), dtype=torch.float32))
+    scores = torch.sigmoid(logits.float())
+    ids = _select_sigmoid(scores, top_k, gating)
+    w = scores.gather(1, ids)
+    prot = protect_mask(logits.shape[0], protect, importance, float(protect_ratio), device=logits.device)
+    keep = ~(w < w[:, :1] * mu_f32) | prot[:, None]
+    keep[:, 0] = True
+    w = torch.where(keep, w, torch.zeros((), dtype=torch.float32, device=logits.device))
+    if renormalize:
+        total = w[:, 0]
+        for s in range(1, top_k):
+            total = total + w[:, s]
+        w = w / total.clamp(min=WEIGHT_SUM_MIN)[:, None]
+    ids = torch.where(keep, ids, torch.full((), -1, dtype=ids.dtype, device=ids.device))
+    return ids, w, int((~keep).sum())
 
 
 def route_reference(

@@ -56,6 +56,9 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     one given here keeps its measurements for conversions of the same model to other budgets and layouts."""
     from .report import write_report
 
+    for path in opts.calib:  # before the fingerprint reads them
+        if not Path(path).is_file():
+            raise Mc2ggufError(f"calibration text {path} is not a file")
     checkpoint = Checkpoint(src)
     adapter = adapter_for(checkpoint)
     if opts.layout == "mixed" and not adapter.type_groups_in_llama:
@@ -93,7 +96,7 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
         return PMQResult(None, size, allocation, report)
     non_expert = {}
     for plan in base_plan.tensors:
-        if plan.spec.role in (Role.ATTENTION, Role.SHARED_EXPERT):
+        if plan.spec.role in (Role.ATTENTION, Role.SHARED_EXPERT, Role.DENSE_FFN):
             non_expert.setdefault(plan.spec.layer, []).append(plan)
     quantized_work = WorkDir(root / "quantize", opts.fingerprint(checkpoint), replace_other=True)
     quantize_layers(adapter, cal, types, non_expert, opts, work, quantized_work)

@@ -103,9 +103,14 @@ def calibrate_layer(
     """Run one layer on ``h`` ``[B, S, H]``; return its output and the layer's calibration."""
     h_attn = adapter.attention_block(layer, h)
     x = adapter.moe_input(layer, h_attn).reshape(-1, h.shape[-1])
+    norms = odp.router_input_norm(x)
+    if not layer.is_moe:  # a dense layer: nothing to allocate, never pruned
+        out = adapter.dense_ffn(layer, x)
+        return h_attn + out.reshape(h.shape), LayerCalibration(
+            layer.index, x.shape[0], [], [], 0.0, torch.sort(norms).values, [], [])
     routed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     logits = adapter.router_logits(layer, x)
-    out, ids, weights = adapter.moe_forward(layer, x, adapter.route(logits)[:2],
+    out, ids, weights = adapter.moe_forward(layer, x, adapter.route(layer, logits)[:2],
                                             lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
     n_tokens, top_k = ids.shape
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
@@ -127,13 +132,12 @@ def calibrate_layer(
         pick = torch.randperm(xe.shape[0], generator=generator)[:eps_tokens]
         n_routed = 0 if e in unused else xe.shape[0]
         experts.append(ExpertCalibration(n_routed, hessians, xe[pick].clone(), w[pick].clone()))
-    norms = odp.router_input_norm(x)
     calibration = LayerCalibration(
         index=layer.index,
         n_tokens=n_tokens,
         phi=phi,
         mean_weight=mean_weight,
-        mu=odp.calibrate_mu(odp.slot_ratios(logits, top_k)) if top_k > 1 else 0.0,
+        mu=odp.calibrate_mu(adapter.slot_ratios(layer, logits)) if top_k > 1 else 0.0,
         router_norms=torch.sort(norms).values,
         unused_experts=unused,
         experts=experts,

@@ -46,7 +46,7 @@ def quantize_layers(adapter: ArchAdapter, cal: CalibrationSet, types: dict, non_
                 continue
             candidates = {t: measured.load("measure", r) for (layer, t), r in records.items() if layer == i}
             experts = {(e, p): candidates[types[i, e, p]][e, p]
-                       for e in range(adapter.moe.n_experts) for p in PROJECTIONS}
+                       for e in range(adapter.moe.n_experts if adapter.is_moe_layer(i) else 0) for p in PROJECTIONS}
             work.save("layers", f"layer-{i:03d}", experts)
             del candidates, experts
         return
