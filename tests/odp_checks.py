@@ -43,17 +43,27 @@ def odp_meta(path: Path) -> tuple[list[float], list[float], np.ndarray | None]:
     return mu, norm, q
 
 
-def check_decisions(run: dict, mu: list[float], tau: list[float], top_k: int = 2, renormalize: bool = True) -> int:
-    """Every layer's ids/weights equal mc2gguf.odp.route on the same logits and protect mask; returns the
-    reference's number of pruned slots. The fused graph (ggml_moe_prune, ``ffn_moe_odp_pruned``: the ids with
-    -1 and the count running over the layers but the last) decides protection inside the op, which is
-    recomputed here exactly; the graph of ordinary ops exposes its protect and pruning masks."""
+def check_decisions(run: dict, mu: list[float], tau: list[float], top_k: int = 2, renormalize: bool = True,
+                    route_fn=None) -> int:
+    """Every layer's ids/weights equal mc2gguf.odp.route (or ``route_fn(layer, logits, mu, protect)``, a family's
+    own routing) on the same logits and protect mask; returns the reference's number of pruned slots. The fused
+    graph (ggml_moe_prune, ``ffn_moe_odp_pruned``: the ids with -1 and the count running over the layers but
+    the last) decides protection inside the op, which is recomputed here exactly; the graph of ordinary ops
+    exposes its protect and pruning masks. Layers without a router (dense) must have mu = 0."""
     from mc2gguf.odp import route
+
+    softmax_reference = route_fn is None
+    if softmax_reference:
+        def route_fn(_layer, logits, mu, protect):
+            return route(logits, top_k, mu, protect=protect, renormalize=renormalize)
 
     n_layer = len(mu)
     n_pruned = 0
     count_before = 0
     for il in range(n_layer):
+        if f"ffn_moe_logits-{il}" not in run["tensors"]:
+            assert mu[il] == 0.0, il
+            continue
         logits = torch.from_numpy(stacked(run, f"ffn_moe_logits-{il}"))  # [T, E]
         if f"ffn_moe_odp_pruned-{il}" in run["tensors"]:
             pruned = stacked(run, f"ffn_moe_odp_pruned-{il}")  # [T, k + 1]
@@ -77,11 +87,11 @@ def check_decisions(run: dict, mu: list[float], tau: list[float], top_k: int = 2
             if f"ffn_moe_odp_ids-{il}" in run["tensors"]:
                 assert np.array_equal(stacked(run, f"ffn_moe_odp_ids-{il}"), ids)
         weights = np.concatenate([w.reshape(-1, top_k) for w in run["tensors"][f"ffn_moe_weights_odp-{il}"]])
-        ref_ids, ref_w, n = route(logits, top_k, mu[il], protect=prot > 0, renormalize=renormalize)
+        ref_ids, ref_w, n = route_fn(il, logits, mu[il], prot > 0)
         assert np.array_equal(ids, ref_ids.numpy().astype(np.int32)), il
         np.testing.assert_allclose(weights, ref_w.numpy(), rtol=0, atol=2e-6)
         assert (weights[ids == -1] == 0.0).all()
-        if renormalize:  # a lone survivor gets weight exactly 1
+        if renormalize and softmax_reference:  # a lone survivor gets weight exactly 1
             alone = (ids[:, 1:] == -1).all(-1)
             assert (weights[alone, 0] == 1.0).all()
         n_pruned += n

@@ -1,8 +1,8 @@
-"""The families beyond Mixtral (``archs/``: Qwen3-MoE, OLMoE, Qwen2-MoE) end to end, on seeded random models made
+"""The families beyond Mixtral (``archs/``: Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2/V3) end to end, on seeded random models made
 from transformers' own config classes: the F16 file equals llama.cpp's own converter's, llama.cpp and the
 adapter's forward compute transformers' logits, PMQ's per-expert types run in the patched llama.cpp with ODP
-deciding and counting as ``mc2gguf.odp.route`` does (fused and from ordinary ops, top-k > 2, renormalised or
-not), the stock layout loads in an unpatched build, and what the adapters do not implement is refused."""
+deciding and counting as the family's routing through ODP's rule does (fused and from ordinary ops, top-k > 2,
+renormalised or not, DeepSeek-V3's sigmoid scores with a selection bias, groups and a weight scale), the stock layout loads in an unpatched build, and what the adapters do not implement is refused."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from mc2gguf.cli import main
 from mc2gguf.errors import Mc2ggufError
 from mc2gguf.gguf.writer import read_metadata
 from mc2gguf.paths import C4_SAMPLE
-from mc2gguf.testmodel import TinyOlmoeConfig, TinyQwen2MoeConfig, TinyQwen3MoeConfig, build_tiny_moe, tiny_hf_config
+from mc2gguf.testmodel import (TinyDeepseekV2Config, TinyDeepseekV3Config, TinyOlmoeConfig, TinyQwen2MoeConfig,
+                               TinyQwen3MoeConfig, build_tiny_moe, tiny_hf_config)
 
 PROMPT = "Once upon a time there was a little dog who liked to play in the park with a red ball."
 VARIANTS = {
@@ -32,16 +33,20 @@ VARIANTS = {
                                                        num_experts_per_tok=4),
     "olmoe-16x256-top4": TinyOlmoeConfig(num_experts=16, num_experts_per_tok=4),
     "qwen2moe-8x256-top2-shared512": TinyQwen2MoeConfig(),
+    "deepseekv2-dense1-8x256-top2-scale2": TinyDeepseekV2Config(routed_scaling_factor=2.0),
+    "deepseekv3-dense1-8x256-top2-groups2": TinyDeepseekV3Config(),
 }
 #: one model per family for PMQ and ODP, top-k > 2: renormalised (Qwen3) and not (OLMoE, Qwen2-MoE)
 PMQ_VARIANTS = {
     "qwen3moe-16x-top4": TinyQwen3MoeConfig(num_experts=16, num_experts_per_tok=4),
     "olmoe-16x-top8": TinyOlmoeConfig(num_experts=16, num_experts_per_tok=8),
     "qwen2moe-8x-top4": TinyQwen2MoeConfig(num_experts_per_tok=4),
+    # sigmoid scores, selection bias, 4 groups of which 2 are chosen, renormalised and scaled by 2.5
+    "deepseekv3-16x-top4-groups4": TinyDeepseekV3Config(n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                                                        topk_group=2, num_hidden_layers=3),
 }
 PMQ_ARGS = ["--bpw", "2.5", "--calib", str(C4_SAMPLE), "--nsamples", "4", "--seqlen", "64", "--eps-tokens", "64",
             "--palette", "IQ2_XXS,Q2_K,Q3_K,Q4_K", "--eps-method", "rtn"]
-N_LAYER = 2
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -148,6 +153,9 @@ def test_adapter_forward_equals_transformers(model, reference):
     assert (logits.argmax(-1) == expected.argmax(-1)).all()
 
     # queries_keys (ODP's attention protection reads them): transformers' (normed, biased) q/k of layer 1, RoPE'd
+    if ours.adapter.gguf_architecture == "deepseek2":
+        check_mla_queries_keys(model, ours, tokens)
+        return
     hf = hf_model(model)
     seen, attn = {}, hf.model.layers[1].self_attn
     for name in ("q", "k"):
@@ -163,6 +171,24 @@ def test_adapter_forward_equals_transformers(model, reference):
     for mine, name, n in ((q, "q", a.n_head), (k, "k", a.n_head_kv)):
         theirs = seen[name].reshape(1, len(tokens), n, a.head_dim).transpose(1, 2)
         torch.testing.assert_close(mine, blocks.rope(theirs, a.rope_theta)[0], rtol=1e-4, atol=1e-4)
+
+
+def check_mla_queries_keys(model, ours, tokens):
+    """MLA's queries and keys (per head: a latent part and a RoPE part shared by the heads) have no module of
+    their own in transformers: the attention pattern they make is compared with transformers' eager one."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="eager")
+    inputs = {}
+    hf.model.layers[1].register_forward_pre_hook(lambda _m, args, kw: inputs.__setitem__("h", kw.get(
+        "hidden_states", args[0] if args else None)), with_kwargs=True)
+    with torch.no_grad():
+        expected = hf(torch.tensor([tokens]), output_attentions=True).attentions[1][0]  # [heads, S, S]
+    q, k = ours.adapter.queries_keys(ours.layers[1], inputs["h"])
+    scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+    causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+    mine = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+    torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_pmq_types_run_in_llama_cpp(pmq_model, pmq_file):
@@ -183,6 +209,20 @@ def test_pmq_types_run_in_llama_cpp(pmq_model, pmq_file):
     assert np.corrcoef(result["logits"][: len(tokens)].ravel(), expected.ravel())[0, 1] > 0.9
 
 
+def family_route(adapter):
+    """``check_decisions``' reference for DeepSeek: the adapter's own routing (sigmoid scores with the layer's
+    selection bias and groups, the weight scale); ``None`` (``mc2gguf.odp.route``) for the softmax families."""
+    if adapter.gguf_architecture != "deepseek2":
+        return None
+    layers = {}
+
+    def route_fn(il, logits, mu, protect):
+        layer = layers.setdefault(il, adapter.load_layer(il))
+        return adapter.route(layer, logits, mu, protect)
+
+    return route_fn
+
+
 @pytest.mark.parametrize("n_tokens", [1, 9, 64, 512])
 def test_odp_decisions_and_count_equal_reference(pmq_model, pmq_file, n_tokens):
     from mc2gguf.archs import adapter_for
@@ -190,16 +230,16 @@ def test_odp_decisions_and_count_equal_reference(pmq_model, pmq_file, n_tokens):
     from mc2gguf.llama.runtime import eval_tokens
 
     adapter = adapter_for(Checkpoint(pmq_model))
-    k = adapter.moe.top_k
+    k, n_moe = adapter.moe.top_k, sum(map(adapter.is_moe_layer, range(adapter.moe.n_layers)))
     mu, norm, _ = odp_meta(pmq_file)
     tokens = torch.randint(3, 49000, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens)).tolist()
     run = eval_tokens(pmq_file, tokens, capture=CAPTURE)
     assert run["prune"] is True and np.isfinite(run["logits"]).all()
-    n_ref = check_decisions(run, mu, norm, k, adapter.renormalize)
+    n_ref = check_decisions(run, mu, norm, k, adapter.renormalize, family_route(adapter))
     assert run["pruned"] == n_ref
-    assert run["routed"] == N_LAYER * n_tokens * k
+    assert run["routed"] == n_moe * n_tokens * k
     if n_tokens >= 64:
-        assert 0 < n_ref < N_LAYER * n_tokens * (k - 1)  # the test exercises both outcomes
+        assert 0 < n_ref < n_moe * n_tokens * (k - 1)  # the test exercises both outcomes
 
 
 def test_odp_graph_of_ordinary_ops_equals_fused(pmq_model, pmq_file, tmp_path):
@@ -215,7 +255,7 @@ def test_odp_graph_of_ordinary_ops_equals_fused(pmq_model, pmq_file, tmp_path):
     tokens = torch.randint(3, 49000, (100,), generator=torch.Generator().manual_seed(3)).tolist()
     ops = eval_in_subprocess(pmq_file, tokens, tmp_path / "ops.pickle", LLAMA_MOE_FUSED="0")
     assert not [n for n in ops["tensors"] if n.startswith("ffn_moe_odp_pruned-")]  # really the other graph
-    n_ref = check_decisions(ops, mu, norm, adapter.moe.top_k, adapter.renormalize)
+    n_ref = check_decisions(ops, mu, norm, adapter.moe.top_k, adapter.renormalize, family_route(adapter))
     fused = eval_tokens(pmq_file, tokens)
     assert ops["pruned"] == fused["pruned"] == n_ref > 0
     np.testing.assert_allclose(ops["logits"], fused["logits"], rtol=0, atol=1e-3 * np.abs(fused["logits"]).max())
@@ -275,7 +315,8 @@ def test_unknown_architecture_lists_the_supported(tmp_path):
     from mc2gguf.archs import adapter_for
     from mc2gguf.checkpoint import Checkpoint
 
-    with pytest.raises(Mc2ggufError, match="supported: MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, "
+    with pytest.raises(Mc2ggufError, match="supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, "
+                                           "MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, "
                                            "Qwen3MoeForCausalLM$"):
         adapter_for(Checkpoint(_config_only(tmp_path, architectures=["FooForCausalLM"])))
 
@@ -292,6 +333,15 @@ def test_unknown_architecture_lists_the_supported(tmp_path):
     (TinyQwen2MoeConfig(), {"norm_topk_prob": True}, "never renormalises"),
     (TinyQwen2MoeConfig(), {"qkv_bias": False}, "qkv_bias false"),
     (TinyQwen2MoeConfig(), {"mlp_only_layers": [0]}, "dense MLP layers"),
+    (TinyDeepseekV2Config(), {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
+     "topk_method 'group_limited_greedy'"),
+    (TinyDeepseekV2Config(), {"norm_topk_prob": True}, "norm_topk_prob true"),
+    (TinyDeepseekV2Config(), {"q_lora_rank": None}, "no q_lora_rank and 2 layers"),
+    (TinyDeepseekV2Config(), {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+     "rope_type 'yarn'"),
+    (TinyDeepseekV3Config(), {"scoring_func": None}, "scoring_func None"),
+    (TinyDeepseekV3Config(), {"topk_group": 2}, "8 experts in n_group 2 with topk_group 2"),
+    (TinyDeepseekV3Config(), {"attention_bias": True}, "attention_bias"),
 ], ids=lambda v: v if isinstance(v, str) else type(v).__name__ if not isinstance(v, dict) else "-".join(v))
 def test_unsupported_configs_are_refused(tmp_path, family, change, message):
     from mc2gguf.archs import adapter_for

@@ -445,3 +445,62 @@ def test_decode_protect_and_calibration():
     torch.testing.assert_close(ratios, (w[:, 1:] / w[:, :1]).reshape(-1), rtol=1e-6, atol=0)
     _, _, n = odp.route(logits, 4, odp.calibrate_mu(ratios), renormalize=False)
     assert abs(n - 501 * 3 // 2) <= 2
+
+
+# --- sigmoid scores (DeepSeek-V3): route_sigmoid ------------------------------------------------------------
+
+
+def deepseek_v3_router(logits, bias, top_k, n_group, topk_group, renormalize):
+    """transformers' DeepseekV3TopkRouter on given logits (its weight-free part), scale 1."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    E = logits.shape[1]
+    cfg = DeepseekV3Config(n_routed_experts=E, num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
+                           norm_topk_prob=renormalize, routed_scaling_factor=1.0, hidden_size=E)
+    router = DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))  # router(x) = x: the logits themselves
+        router.e_score_correction_bias.copy_(bias)
+        _, weights, ids = router(logits)
+    return ids, weights
+
+
+@pytest.mark.parametrize("n_group, topk_group, renormalize", [(1, 1, True), (4, 2, True), (8, 3, False)])
+def test_sigmoid_mu0_is_transformers_routing(n_group, topk_group, renormalize):
+    g = torch.Generator().manual_seed(n_group)
+    logits, bias = torch.randn(300, 32, generator=g), 0.3 * torch.randn(32, generator=g)
+    ids, weights, n = odp.route_sigmoid(logits, 6, 0.0, odp.SigmoidGating(bias, n_group, topk_group),
+                                        renormalize=renormalize)
+    assert n == 0 and (ids >= 0).all()
+    want_ids, want_w = deepseek_v3_router(logits, bias, 6, n_group, topk_group, renormalize)
+    # transformers returns its top-k unsorted: compare as sets of (expert, weight)
+    order = torch.argsort(want_ids, dim=1)
+    mine = torch.argsort(ids, dim=1)
+    assert torch.equal(ids.gather(1, mine), want_ids.gather(1, order))
+    torch.testing.assert_close(weights.gather(1, mine), want_w.gather(1, order), rtol=1e-6, atol=1e-7)
+    # slots ordered by biased score, every chosen expert in one of the topk_group chosen groups
+    choice = (torch.sigmoid(logits) + bias).gather(1, ids)
+    assert (choice[:, :-1] >= choice[:, 1:]).all()
+    assert all(len(set((row // (32 // n_group)).tolist())) <= topk_group for row in ids)
+
+
+def test_sigmoid_pruning_rule():
+    g = torch.Generator().manual_seed(7)
+    logits, bias = torch.randn(400, 16, generator=g), 0.5 * torch.randn(16, generator=g)
+    gating = odp.SigmoidGating(bias, 4, 2)
+    plain_ids, plain_w, _ = odp.route_sigmoid(logits, 4, 0.0, gating, renormalize=False)
+    protect = torch.rand(400, generator=g) < 0.1
+    mu = 0.7
+    ids, w, n = odp.route_sigmoid(logits, 4, mu, gating, protect=protect, renormalize=True)
+    mu32 = torch.tensor(mu, dtype=torch.float32)
+    pruned = (plain_w < plain_w[:, :1] * mu32) & ~protect[:, None]
+    pruned[:, 0] = False
+    assert n == int(pruned.sum()) > 0
+    assert torch.equal(ids, torch.where(pruned, -1, plain_ids))
+    assert (w[pruned] == 0).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(400))  # survivors renormalised
+    assert torch.equal(ids[protect], plain_ids[protect])  # protected tokens: plain routing
+    # not renormalised: survivors keep their scores
+    _, w_plain_kept, _ = odp.route_sigmoid(logits, 4, mu, gating, protect=protect, renormalize=False)
+    assert torch.equal(w_plain_kept, torch.where(pruned, 0.0, plain_w))

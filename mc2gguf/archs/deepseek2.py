@@ -198,7 +198,8 @@ class DeepseekV2Adapter(QwenStyleMoEAdapter):
         if not self.sigmoid_scores:
             return super().slot_ratios(layer, logits)
         _, weights, _ = self.route(layer, logits)  # the ratio of the chosen scores, whatever their scale
-        return (weights[:, 1:] / weights[:, :1]).reshape(-1)
+        # a later slot may score above slot 0 (the bias ordered them): never pruned at mu <= 1, counted as 1
+        return (weights[:, 1:] / weights[:, :1]).clamp(max=1.0).reshape(-1)
 
 
 class DeepseekV3Adapter(DeepseekV2Adapter):
@@ -218,7 +219,9 @@ class DeepseekV3Adapter(DeepseekV2Adapter):
             # run with softmax scores (DeepSeek-V3's own config.json says "sigmoid")
             (cfg.get("scoring_func") != "sigmoid", f"scoring_func {cfg.get('scoring_func')!r} (llama.cpp's "
                                                    "converter needs \"sigmoid\" to write DeepSeek-V3's gating)"),
-            (n_experts % n_group != 0 or n_experts // n_group < 2 or not 1 <= topk_group <= n_group,
+            # llama.cpp asserts at load that fewer groups are chosen than there are, and groups of two or more
+            (n_experts % n_group != 0 or n_experts // n_group < 2 or topk_group < 1
+             or (n_group > 1 and topk_group >= n_group),
              f"{n_experts} experts in n_group {n_group} with topk_group {topk_group}"),
             (cfg["num_experts_per_tok"] > topk_group * (n_experts // n_group),
              f"num_experts_per_tok {cfg['num_experts_per_tok']} above the experts of topk_group groups"),
