@@ -172,6 +172,7 @@ class TinyDeepseekV2Config:
     max_position_embeddings: int = 512
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    yarn_factor: float = 0.0  # > 0: YaRN RoPE with DeepSeek-V2-Lite's other parameters, original context 128
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,15 @@ def tiny_hf_config(config: TinyConfig, tokenizer_dir: Path = BPE_TOKENIZER):
         raise Mc2ggufError(f"no tokenizer.json in {tokenizer_dir}")
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     config_class, architecture, fixed = _BPE_FAMILIES[type(config)]
-    fields = {k: v for k, v in asdict(config).items() if k != "rope_theta"}
+    fields = {k: v for k, v in asdict(config).items() if k not in ("rope_theta", "yarn_factor")}
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if getattr(config, "yarn_factor", 0.0):
+        rope = {"rope_type": "yarn", "rope_theta": config.rope_theta, "factor": config.yarn_factor,
+                "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707,
+                "mscale_all_dim": 0.707}
     return getattr(transformers, config_class)(
         architectures=[architecture], vocab_size=vocab, tie_word_embeddings=False, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        **fields, **fixed(config),
+        eos_token_id=None, pad_token_id=None, rope_parameters=rope, **fields, **fixed(config),
     )
 
 

@@ -35,6 +35,7 @@ VARIANTS = {
     "qwen2moe-8x256-top2-shared512": TinyQwen2MoeConfig(),
     "deepseekv2-dense1-8x256-top2-scale2": TinyDeepseekV2Config(routed_scaling_factor=2.0),
     "deepseekv3-dense1-8x256-top2-groups2": TinyDeepseekV3Config(),
+    "deepseekv2-yarn4": TinyDeepseekV2Config(yarn_factor=4.0),
 }
 #: one model per family for PMQ and ODP, top-k > 2: renormalised (Qwen3) and not (OLMoE, Qwen2-MoE)
 PMQ_VARIANTS = {
@@ -185,7 +186,7 @@ def check_mla_queries_keys(model, ours, tokens):
     with torch.no_grad():
         expected = hf(torch.tensor([tokens]), output_attentions=True).attentions[1][0]  # [heads, S, S]
     q, k = ours.adapter.queries_keys(ours.layers[1], inputs["h"])
-    scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+    scores = q @ k.transpose(1, 2) * ours.adapter.softmax_scale
     causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
     mine = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
     torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-5)
@@ -337,8 +338,8 @@ def test_unknown_architecture_lists_the_supported(tmp_path):
      "topk_method 'group_limited_greedy'"),
     (TinyDeepseekV2Config(), {"norm_topk_prob": True}, "norm_topk_prob true"),
     (TinyDeepseekV2Config(), {"q_lora_rank": None}, "no q_lora_rank and 2 layers"),
-    (TinyDeepseekV2Config(), {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
-     "rope_type 'yarn'"),
+    (TinyDeepseekV2Config(), {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}},
+     "rope_type 'linear'"),
     (TinyDeepseekV3Config(), {"scoring_func": None}, "scoring_func None"),
     (TinyDeepseekV3Config(), {"topk_group": 2}, "8 experts in n_group 2 with topk_group 2"),
     (TinyDeepseekV3Config(), {"attention_bias": True}, "attention_bias"),

@@ -18,23 +18,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def rope_frequencies(theta: float, dim: int) -> torch.Tensor:
+    """The inverse frequencies of plain RoPE over ``dim`` rotary dimensions."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+
+
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding in Hugging Face's rotate-half layout; ``x`` is ``[B, heads, S, head_dim]``."""
     seq, dim = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), rope_frequencies(theta, dim))
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
     return x * cos + rotated * sin
 
 
-def rope_interleaved(x: torch.Tensor, theta: float) -> torch.Tensor:
+def rope_interleaved(x: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Rotary embedding on interleaved pairs ``(x0, x1), (x2, x3), ...`` (DeepSeek's layout, llama.cpp's "norm"
-    RoPE); ``x`` is ``[B, heads, S, rope_dim]``."""
-    seq, dim = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
+    RoPE) at frequencies ``inv_freq``, cos and sin multiplied by ``scale`` (YaRN's attention factor); ``x`` is
+    ``[B, heads, S, rope_dim]``."""
+    angles = torch.outer(torch.arange(x.shape[-2], dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos() * scale, angles.sin() * scale
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
 
@@ -119,8 +122,9 @@ class MLA:
     kv_a_norm: torch.Tensor
     k_b: torch.Tensor
     v_b: torch.Tensor
-    rope_dim: int
-    rope_theta: float
+    inv_freq: torch.Tensor  # [rope_dim / 2]
+    rope_scale: float  # on cos and sin (YaRN's attention factor; 1 without YaRN)
+    softmax_scale: float  # on q k^T: (nope + rope)^-1/2, times YaRN's mscale^2
     norm_eps: float
     q: torch.Tensor | None = None
     q_a: torch.Tensor | None = None
@@ -133,13 +137,14 @@ def mla_queries_keys_values(x: torch.Tensor, p: MLA) -> tuple[torch.Tensor, torc
     normed ``x`` ``[B, S, H]``."""
     b, s, _ = x.shape
     n_head, kv_rank, nope = p.k_b.shape
+    rope_dim = 2 * p.inv_freq.numel()
     q = x @ p.q.T if p.q is not None else rms_norm(x @ p.q_a.T, p.q_a_norm, p.norm_eps) @ p.q_b.T
-    q = q.view(b, s, n_head, nope + p.rope_dim).transpose(1, 2)
-    q_nope, q_pe = q.split([nope, p.rope_dim], dim=-1)
-    latent, k_pe = (x @ p.kv_a.T).split([kv_rank, p.rope_dim], dim=-1)
+    q = q.view(b, s, n_head, nope + rope_dim).transpose(1, 2)
+    q_nope, q_pe = q.split([nope, rope_dim], dim=-1)
+    latent, k_pe = (x @ p.kv_a.T).split([kv_rank, rope_dim], dim=-1)
     latent = rms_norm(latent, p.kv_a_norm, p.norm_eps)[:, None]  # [B, 1, S, kv_rank]
-    k_pe = rope_interleaved(k_pe[:, None], p.rope_theta).expand(b, n_head, s, p.rope_dim)
-    q = torch.cat([q_nope, rope_interleaved(q_pe, p.rope_theta)], -1)
+    k_pe = rope_interleaved(k_pe[:, None], p.inv_freq, p.rope_scale).expand(b, n_head, s, rope_dim)
+    q = torch.cat([q_nope, rope_interleaved(q_pe, p.inv_freq, p.rope_scale)], -1)
     k = torch.cat([latent @ p.k_b, k_pe], -1)
     return q, k, latent @ p.v_b.transpose(1, 2)
 
@@ -148,7 +153,7 @@ def mla_attention(x: torch.Tensor, p: MLA, wo: torch.Tensor) -> torch.Tensor:
     """Causal multi-head latent attention of the normed ``x`` ``[B, S, H]`` (the residual not added)."""
     b, s, _ = x.shape
     q, k, v = mla_queries_keys_values(x, p)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=p.softmax_scale)
     return out.transpose(1, 2).reshape(b, s, -1) @ wo.T
 
 

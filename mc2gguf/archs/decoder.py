@@ -110,9 +110,14 @@ class MoEDecoderAdapter(ArchAdapter):
                 raise Mc2ggufError(f"{self.checkpoint.path / 'config.json'}: {self.family} with {what} is not "
                                    f"supported yet")
 
+    @property
+    def rope_type(self) -> str:
+        # "type" in configs written before transformers named it rope_type
+        return self.rope.get("rope_type") or self.rope.get("type") or "default"
+
     def default_rope(self) -> list[tuple[bool, str]]:
         """RoPE scaling, which the decoder does not implement."""
-        return [(self.rope.get("rope_type", "default") != "default", f"rope_type {self.rope.get('rope_type')!r}")]
+        return [(self.rope_type != "default", f"rope_type {self.rope_type!r}")]
 
     def every_layer_moe_default_rope(self, cfg: dict) -> list[tuple[bool, str]]:
         """The Qwen-style config fields for dense layers, and RoPE scaling: what the decoder does not implement."""

@@ -54,6 +54,7 @@ class DeepseekV2Adapter(QwenStyleMoEAdapter):
     hf_architectures = ("DeepseekV2ForCausalLM",)
     gguf_architecture = "deepseek2"
     family = "DeepSeek-V2"
+    hf_config_class = "DeepseekV2Config"
     type_groups_in_llama = True  # patch 0017 wires models/deepseek2.cpp
     layer_tensors = {**LLAMA_LAYER, **_ATTENTION, **_DENSE_FFN, **_MOE, **_SELECTION_BIAS}
     n_experts_keys = ("n_routed_experts",)
@@ -75,10 +76,24 @@ class DeepseekV2Adapter(QwenStyleMoEAdapter):
             self.n_group, self.topk_group = int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1)
         except (KeyError, TypeError, ValueError) as e:
             raise Mc2ggufError(f"{checkpoint.path / 'config.json'}: missing or bad {self.family} field {e}") from None
+        self.inv_freq, self.rope_scale, self.softmax_scale = self._rope_parameters(cfg)
+
+    def _rope_parameters(self, cfg: dict) -> tuple[torch.Tensor, float, float]:
+        """RoPE's frequencies, the factor on its cos and sin, and the softmax scale: plain, or YaRN (what DeepSeek's
+        checkpoints ship) computed by transformers' own functions from the config."""
+        qk_scale = (self.nope_dim + self.rope_dim) ** -0.5
+        if self.rope_type == "default":
+            return blocks.rope_frequencies(self.rope_theta, self.rope_dim), 1.0, qk_scale
+        import transformers
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+
+        config = getattr(transformers, self.hf_config_class).from_dict(cfg)
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[self.rope_type](config, "cpu")
+        return inv_freq.float(), float(attention_factor), float(yarn_apply_mscale(config.rope_parameters, qk_scale))
 
     def check_config(self, cfg: dict) -> None:
         self.refuse([
-            *self.default_rope(),
+            (self.rope_type not in ("default", "yarn"), f"rope_type {self.rope_type!r}"),
             (int(cfg.get("moe_layer_freq", 1)) != 1, f"moe_layer_freq {cfg.get('moe_layer_freq')}"),
             (bool(cfg.get("attention_bias")), "attention_bias"),
             (bool(cfg.get("mlp_bias")), "mlp_bias"),
@@ -164,8 +179,8 @@ class DeepseekV2Adapter(QwenStyleMoEAdapter):
 
     def _mla(self, layer: LayerWeights) -> blocks.MLA:
         t = layer.tensors
-        return blocks.MLA(t["kv_a"], t["kv_a_norm"], t["k_b"], t["v_b"], self.rope_dim, self.rope_theta,
-                          self.rms_eps, t.get("q"), t.get("q_a"), t.get("q_a_norm"), t.get("q_b"))
+        return blocks.MLA(t["kv_a"], t["kv_a_norm"], t["k_b"], t["v_b"], self.inv_freq, self.rope_scale,
+                          self.softmax_scale, self.rms_eps, t.get("q"), t.get("q_a"), t.get("q_a_norm"), t.get("q_b"))
 
     def attention_block(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         x = blocks.rms_norm(h, layer.tensors["input_norm"], self.rms_eps)
@@ -205,6 +220,7 @@ class DeepseekV2Adapter(QwenStyleMoEAdapter):
 class DeepseekV3Adapter(DeepseekV2Adapter):
     hf_architectures = ("DeepseekV3ForCausalLM",)
     family = "DeepSeek-V3"
+    hf_config_class = "DeepseekV3Config"
     sigmoid_scores = True
 
     def __init__(self, checkpoint):
