@@ -103,14 +103,16 @@ def _note(message: str) -> None:
     print(f"[bench-speed] {message}", file=sys.stderr, flush=True)
 
 
-def _sh(cmd: list, env: dict | None = None) -> str:
+def run_tool(cmd: list, env: dict | None = None) -> str:
+    """A llama.cpp tool's stdout; its stderr's end in the error when it fails."""
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise Mc2ggufError(f"{Path(str(cmd[0])).name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout
 
 
-def _checkpoint(shape: Shape, out: Path) -> Path:
+def random_checkpoint(shape: Shape, out: Path) -> Path:
+    """A seeded random fp16 checkpoint of ``shape`` in ``out`` (kept: a second call finds it)."""
     import torch
 
     from .paths import TOKENIZER_512
@@ -159,7 +161,7 @@ def make_files(shape: Shape, out: Path, bin_dir: Path) -> dict[str, Path]:
         return files
     out.mkdir(parents=True, exist_ok=True)
     _note(f"{out.name}: random checkpoint")
-    hf = _checkpoint(shape, out / "hf")
+    hf = random_checkpoint(shape, out / "hf")
     f16 = out / "f16.gguf"
     if not f16.exists():
         _note(f"{out.name}: F16 GGUF")
@@ -170,7 +172,7 @@ def make_files(shape: Shape, out: Path, bin_dir: Path) -> dict[str, Path]:
         if not pure[t].exists():
             _note(f"{out.name}: llama-quantize --pure {t}")
             partial = pure[t].with_name(pure[t].name + ".partial")
-            _sh([bin_dir / "llama-quantize", "--pure", f16, partial, _QUANTIZE_FTYPE[t], "2"])
+            run_tool([bin_dir / "llama-quantize", "--pure", f16, partial, _QUANTIZE_FTYPE[t], "2"])
             partial.replace(pure[t])
     cycle = [e % len(GROUP_TYPES) for e in range(shape.experts)]
     groups = {f"blk.{il}.ffn_{p}_exps": cycle for il in range(shape.layers) for p in ("up", "gate", "down")}
@@ -230,7 +232,7 @@ def _bench(bin_dir: Path, path: Path, run: Run, c: SpeedConfig) -> dict[str, flo
     if run.prune is not None:
         cmd += ["--moe-prune", "1" if run.prune else "0"]
     out: dict[str, float] = {}
-    for row in json.loads(_sh(cmd, env)):
+    for row in json.loads(run_tool(cmd, env)):
         out["pp" if row["n_prompt"] else "tg"] = float(row["avg_ts"])
         if row.get("moe_pruned") is not None and row["n_gen"]:
             out["pruned"] = float(row["moe_pruned"])

@@ -34,18 +34,51 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from .pmq.allocate import Objective
     from .pmq import PMQOptions, run_pmq
 
+    palette = tuple(quant_type(t).name for t in args.palette.split(","))
+    reference = quant_type(args.speed_reference).name
+    costs = ()
+    if args.min_speed is not None:
+        if not args.min_speed > 0:
+            raise Mc2ggufError(f"--min-speed must be > 0, got {args.min_speed}")
+        costs = tuple(sorted(_type_costs(args, sorted({*palette, reference})).seconds_per_weight.items()))
     opts = PMQOptions(
         calib=tuple(Path(c) for c in args.calib), nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        bpw=args.bpw, size=args.size, palette=tuple(quant_type(t).name for t in args.palette.split(",")),
+        bpw=args.bpw, size=args.size, palette=palette,
         objective=Objective(args.alpha, args.beta, args.gamma), per_layer_budget=args.per_layer_budget,
         granularity=args.granularity, tie_gate_up=not args.untie_gate_up, layout=args.layout,
         attn_type=quant_type(args.attn_type).name, eps_method=args.eps_method, eps_tokens=args.eps_tokens,
         sequential=args.sequential, act_order=args.act_order, damp=args.damp, protect_ratio=args.protect_ratio,
+        min_speed=args.min_speed, speed_reference=reference, type_costs=costs,
     )
     result = run_pmq(Path(args.src), Path(args.out), opts, force=args.force, dry_run=args.dry_run,
                      work_dir=Path(args.work_dir) if args.work_dir else None)
     if result.out is not None:
         print(f"wrote {result.out} ({result.size:,} bytes) and its report {result.out}.report.json/.png")
+
+
+def _type_costs(args: argparse.Namespace, types: list[str]):
+    """``--type-costs FILE`` (every type needed must be in it), else measured now on this machine (cached)."""
+    from .type_costs import TypeCosts, measure_type_costs
+
+    if not args.type_costs:
+        return measure_type_costs(types, threads=args.speed_threads)
+    costs = TypeCosts.load(Path(args.type_costs))
+    missing = [t for t in types if t not in costs.seconds_per_weight]
+    if missing:
+        raise Mc2ggufError(f"{args.type_costs} has no decode cost for {', '.join(missing)}")
+    return costs
+
+
+def _cmd_type_costs(args: argparse.Namespace) -> None:
+    from .type_costs import measure_type_costs
+
+    types = [quant_type(t).name for t in args.types.split(",")]
+    costs = measure_type_costs(types, threads=args.threads, probe=args.probe, rounds=args.rounds,
+                               refresh=args.refresh)
+    print(costs.render(quant_type(args.reference).name))
+    if args.out:
+        costs.save(Path(args.out))
+        print(f"wrote {args.out}")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -237,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     type_help = f"GGUF type of the weight matrices (one of {', '.join(QUANT_TYPES)})"
 
-    p = _command(sub, "convert", "convert a Hugging Face Mixtral checkpoint to GGUF, one type or PMQ mixed precision",
-                 "Convert a Hugging Face Mixtral checkpoint (config.json, safetensors shards, tokenizer) to GGUF, "
+    p = _command(sub, "convert", "convert a Hugging Face MoE checkpoint to GGUF, one type or PMQ mixed precision",
+                 "Convert a Hugging Face MoE checkpoint (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2/V3: config.json, safetensors shards, tokenizer) to GGUF, "
                  "one tensor at a time.\n\n"
                  "Without --bpw or --size, every weight matrix gets --type (with llama.cpp's usual exceptions: "
                  "norms and router in F32, the output projection at least Q6_K).\n\n"
@@ -286,7 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     pmq.add_argument("--protect-ratio", type=float, default=0.02, help="ODP: fraction of protected tokens")
     pmq.add_argument("--dry-run", action="store_true", help="measure and print the plan and exact size; write nothing")
     pmq.add_argument("--work-dir", help="per-layer checkpoints for resuming (default: OUT.mc2gguf-work)")
+    speed = p.add_argument_group("speed (PMQ)")
+    speed.add_argument("--min-speed", type=float,
+                       help="the routed experts' predicted decode speed at least this many times that of "
+                            "all-SPEED_REFERENCE experts, by measured decode costs per type (e.g. 1.2)")
+    speed.add_argument("--speed-reference", default="Q4_K", help="the uniform type --min-speed is relative to")
+    speed.add_argument("--type-costs", help="decode costs written by mc2gguf type-costs --out (default: measured "
+                                            "now on this machine with the pinned llama.cpp, cached)")
+    speed.add_argument("--speed-threads", type=int, default=2, help="threads of the measured decode (default 2)")
     p.set_defaults(func=_cmd_convert)
+
+    p = _command(sub, "type-costs", "measure each GGUF type's decode cost per expert weight on this machine",
+                 "Time llama-bench's decode on a random Mixtral-architecture probe whose every token reads all of "
+                 "its experts, once per type with every expert tensor of that type; the token time outside the "
+                 "experts is the intercept of two expert widths. Prints ns per expert weight and the ratios to "
+                 "--reference per weight and per byte; cached per CPU, thread count and llama.cpp build. "
+                 "convert --min-speed uses these costs.",
+                 "mc2gguf type-costs --types IQ2_XXS,Q2_K,Q3_K,Q4_K --out costs.json")
+    p.add_argument("--types", default=",".join(DEFAULT_PALETTE), help="comma-separated (default: PMQ's palette)")
+    p.add_argument("--reference", default="Q4_K", help="the type the ratios are relative to (default Q4_K)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are used (default 3)")
+    p.add_argument("--probe", default="default", choices=["default", "tiny"],
+                   help="the probe model (tiny: for tests, noisier)")
+    p.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
+    p.add_argument("--out", help="also write the costs to this JSON file (for convert --type-costs)")
+    p.set_defaults(func=_cmd_type_costs)
 
     p = _command(sub, "inspect", "summarise a GGUF file: types, bits per weight, size",
                  "Summarise a GGUF file: architecture, tensor count, the type of every tensor, the bits per weight "
@@ -316,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "same-top-token rate against F16, ODP skip ratio, speed (llama-bench) and conversion cost. "
                  "Writes a table (results.md), JSON and plots into --work; a second run resumes.",
                  "mc2gguf bench --work bench-out --bpw 2.5")
-    p.add_argument("--model", help="Hugging Face Mixtral directory (default: the reference MoE, built if missing)")
+    p.add_argument("--model", help="Hugging Face MoE directory of a supported family (default: the reference MoE, built if missing)")
     p.add_argument("--work", default="bench-out", help="files, logs and results; a second run resumes (default bench-out)")
     p.add_argument("--calib", action="append", help="calibration text for both imatrix and PMQ; repeat to mix "
                    "(default: ../shared/data C4 sample and TinyStories)")
@@ -383,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "and reports the share of skipped expert slots; comma-separated --protection or --mu-scale "
                  "compare variants (docs/odp.md).",
                  "mc2gguf eval ./Mixtral-8x7B-v0.1 --text wiki.test.raw --gguf mixtral-2.5bpw.gguf")
-    p.add_argument("model", help="Hugging Face Mixtral directory (config, weights, tokenizer)")
+    p.add_argument("model", help="Hugging Face MoE directory of a supported family (config, weights, tokenizer)")
     p.add_argument("--text", required=True, help="evaluation text, e.g. ../shared/data/wikitext-2-raw/wiki.test.raw")
     p.add_argument("--gguf", help="run the weights of this GGUF (every tensor, dequantized) and use its ODP metadata")
     p.add_argument("--odp", choices=("on", "off"), help="default: on when ODP parameters are available")

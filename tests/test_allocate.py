@@ -98,3 +98,55 @@ def test_generous_budget_gives_every_unit_the_best_type():
     _, hi = reachable_bytes(units, PALETTE)
     result = solve_allocation(units, PALETTE, hi)
     assert all(t.name == "Q4_K" for t in result.types.values())
+
+
+#: decode seconds per weight, shaped like this machine's (tests/test_type_costs.py measures real ones): the
+#: codebook types slower per weight than Q2_K although smaller
+COSTS = {"IQ2_XXS": 6.6e-11, "Q2_K": 2.8e-11, "IQ3_S": 7.0e-11, "Q4_K": 2.4e-11}
+
+
+def _brute_force_with_speed(units, budget, objective, limit):
+    best = None
+    for combo in itertools.product(PALETTE, repeat=len(units)):
+        types = {u.key: t for u, t in zip(units, combo)}
+        if sum(u.nbytes(t) for u, t in zip(units, combo)) > budget or limit.speed(units, types) < limit.min_speed:
+            continue
+        cost = sum(objective.cost(u, t.name) for u, t in zip(units, combo))
+        if best is None or cost < best - 1e-12:
+            best = cost
+    return best
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("min_speed", [0.5, 0.7, 0.85])
+def test_decode_limit_matches_brute_force(seed, min_speed):
+    from mc2gguf.pmq.allocate import DecodeLimit
+
+    units = _units(seed)
+    lo, hi = reachable_bytes(units, PALETTE)
+    budget = int(lo + 0.5 * (hi - lo))
+    limit = DecodeLimit(COSTS, min_speed, "Q4_K")
+    free = solve_allocation(units, PALETTE, budget)
+    result = solve_allocation(units, PALETTE, budget, decode_limit=limit)
+    assert result.speed >= min_speed - 1e-9
+    assert result.expert_bytes <= budget
+    assert result.objective == pytest.approx(_brute_force_with_speed(units, budget, Objective(), limit), rel=1e-9)
+    assert result.objective >= free.objective - 1e-12  # a constraint never helps quality
+    if limit.speed(units, free.types) < min_speed:  # it binds: the codebook types give way
+        n_codebook = sum(t.name.startswith("IQ") for t in result.types.values())
+        assert n_codebook < sum(t.name.startswith("IQ") for t in free.types.values())
+
+
+def test_decode_limit_errors():
+    from mc2gguf.pmq.allocate import DecodeLimit
+
+    units = _units(0)
+    lo, hi = reachable_bytes(units, PALETTE)
+    with pytest.raises(Mc2ggufError, match=r"--min-speed 2 is out of reach: .* at most 1.000x as fast as all-Q4_K"):
+        solve_allocation(units, PALETTE, hi, decode_limit=DecodeLimit(COSTS, 2.0, "Q4_K"))
+    with pytest.raises(Mc2ggufError, match="no measured decode cost for IQ3_S"):
+        without = {k: v for k, v in COSTS.items() if k != "IQ3_S"}
+        solve_allocation(units, PALETTE, hi, decode_limit=DecodeLimit(without, 1.0, "Q4_K"))
+    # reachable on its own and within budget on its own, not both: Q4_K is the fastest and the largest
+    with pytest.raises(Mc2ggufError, match="infeasible under this budget, --min-speed 1 and the other options"):
+        solve_allocation(units, PALETTE, lo, decode_limit=DecodeLimit(COSTS, 1.0, "Q4_K"))

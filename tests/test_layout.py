@@ -19,7 +19,7 @@ LEVELS = [
     ("archs", "gguf.upstream", "gguf.edit", "llama.runtime"),
     ("quant.plan", "gguf.reader", "gguf.inspect"),
     ("pmq", "evaluate", "reference", "llama.interactive", "testmodel"),
-    ("convert", "bench", "bench_speed", "demo"),
+    ("convert", "bench", "bench_speed", "type_costs", "demo"),
     ("cli",),
 ]
 

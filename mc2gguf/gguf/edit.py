@@ -18,10 +18,12 @@ from .writer import KeyValue, read_metadata
 
 
 def rewrite(src: Path, dst: Path, *, set_kv: Sequence[KeyValue] = (), drop: Sequence[str] = (),
-            groups: dict[str, list[int]] | None = None, group_sources: Sequence[Path] | None = None) -> Path:
+            groups: dict[str, list[int]] | None = None, group_sources: Sequence[Path] | None = None,
+            replace: dict[str, tuple] | None = None) -> Path:
     """Copy ``src`` to ``dst`` with key/values replaced or dropped, and the experts of the stock tensors named
     in ``groups`` (``blk.L.ffn_P_exps``) split into type groups by the given expert -> group map; group ``g``
-    takes its experts from ``group_sources[g]`` (a file of the same model in another type) if given."""
+    takes its experts from ``group_sources[g]`` (a file of the same model in another type) if given.
+    ``replace`` maps a tensor's name to ``(GGMLQuantizationType, packed bytes)``: its new type and data."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     groups = groups or {}
@@ -40,6 +42,10 @@ def rewrite(src: Path, dst: Path, *, set_kv: Sequence[KeyValue] = (), drop: Sequ
         writer.add_key_value(type_groups_key(base), list(group_of), GGUFValueType.ARRAY, GGUFValueType.INT32)
     for t in reader.tensors:
         base = t.name.removesuffix(".weight")
+        if t.name in (replace or {}):
+            qtype, data = replace[t.name]
+            writer.add_tensor(t.name, data, raw_dtype=qtype)
+            continue
         if base not in groups:
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
             continue

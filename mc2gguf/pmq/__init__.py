@@ -91,7 +91,7 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     payloads, metadata, expert_source = layout(allocation)
     size = expected_file_size(adapter.gguf_architecture, metadata, payloads)
     report = {"records": records, "units": units, "allocation": allocation, "size": size, "calibration": cal.source}
-    print(_plan_text(units, allocation, size), file=sys.stderr)
+    print(_plan_text(units, allocation, size, opts.speed_reference), file=sys.stderr)
     if dry_run:
         return PMQResult(None, size, allocation, report)
     non_expert = {}
@@ -126,7 +126,7 @@ def run_pmq(src: Path, out: Path, opts: PMQOptions, force: bool = False, dry_run
     return PMQResult(out, size, allocation, report)
 
 
-def _plan_text(units: list[AllocationUnit], allocation: Allocation, size: int) -> str:
+def _plan_text(units: list[AllocationUnit], allocation: Allocation, size: int, speed_reference: str) -> str:
     layers = sorted({u.layer for u in units})
     lines = ["plan (experts' types per layer):"]
     for layer in layers:
@@ -135,5 +135,7 @@ def _plan_text(units: list[AllocationUnit], allocation: Allocation, size: int) -
         lines.append(f"  layer {layer:3d}: " + " ".join(row))
     n_weights = sum(u.n_weights for u in units)
     lines.append(f"experts: {allocation.expert_bytes:,} bytes = {8 * allocation.expert_bytes / n_weights:.4f} bits/weight")
+    if allocation.speed is not None:
+        lines.append(f"experts' predicted decode speed: {allocation.speed:.3f}x all-{speed_reference} experts")
     lines.append(f"output file: {size:,} bytes (exact)")
     return "\n".join(lines)

@@ -51,10 +51,33 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class DecodeLimit:
+    """``--min-speed``: the routed experts decode at least ``min_speed`` times as fast as with every expert of type
+    ``reference``, by measured per-weight decode costs (``costs``, type name -> seconds per weight: mc2gguf
+    type-costs). A unit's share of a token's time is ``phi * weights * cost``: it is read on ``phi`` of the
+    layer's routed slots."""
+
+    costs: dict[str, float]
+    min_speed: float
+    reference: str
+
+    def unit_time(self, unit: AllocationUnit, type_name: str) -> float:
+        return unit.phi * unit.n_weights * self.costs[type_name]
+
+    def reference_time(self, units: list[AllocationUnit]) -> float:
+        return sum(self.unit_time(u, self.reference) for u in units)
+
+    def speed(self, units: list[AllocationUnit], types: dict[tuple, QuantType]) -> float:
+        """The experts' predicted decode speed relative to the reference."""
+        return self.reference_time(units) / sum(self.unit_time(u, types[u.key].name) for u in units)
+
+
+@dataclass(frozen=True)
 class Allocation:
     types: dict[tuple, QuantType]  # unit key -> type
     expert_bytes: int
     objective: float
+    speed: float | None = None  # the experts' predicted decode speed relative to --speed-reference
 
 
 def _candidates(unit: AllocationUnit, palette: list[QuantType]) -> list[QuantType]:
@@ -77,12 +100,14 @@ def solve_allocation(
     objective: Objective = Objective(),
     per_layer: bool = False,
     same_type: list[list[int]] = (),
+    decode_limit: DecodeLimit | None = None,
 ) -> Allocation:
     """The integer program: one type per unit, minimal objective, total expert bytes <= the budget.
 
     ``per_layer`` is the paper's variant: every layer gets the budget's share of its weights, and at least
     one unit at the palette's highest and one at its middle type. ``same_type`` lists groups of unit
     indices that must share one type (``--layout stock``: all experts of a layer and projection).
+    ``decode_limit`` bounds the experts' predicted decode time (``--min-speed``).
     """
     smallest, largest = reachable_bytes(units, palette)
     if max_expert_bytes < smallest:
@@ -110,15 +135,35 @@ def solve_allocation(
                 problem += choice[n, name] == choice[first, name]
     if per_layer:
         _add_per_layer_constraints(problem, units, palette, choice, size, max_expert_bytes)
+    if decode_limit is not None:
+        _add_decode_limit(problem, units, palette, choice, decode_limit)
     status = problem.solve(pulp.HiGHS(msg=False))
     if pulp.LpStatus[status] != "Optimal":
-        raise Mc2ggufError(f"the allocation problem is {pulp.LpStatus[status].lower()} under this budget and options")
+        limit = f", --min-speed {decode_limit.min_speed:g}" if decode_limit else ""
+        raise Mc2ggufError(f"the allocation problem is {pulp.LpStatus[status].lower()} under this budget{limit} "
+                           "and the other options")
     types = {}
     for (n, name), var in choice.items():
         if var.value() > 0.5:
             types[units[n].key] = quant_type(name)
     total = sum(u.nbytes(types[u.key]) for u in units)
-    return Allocation(types, total, sum(objective.cost(u, types[u.key].name) for u in units))
+    return Allocation(types, total, sum(objective.cost(u, types[u.key].name) for u in units),
+                      decode_limit.speed(units, types) if decode_limit else None)
+
+
+def _add_decode_limit(problem, units, palette, choice, limit: DecodeLimit) -> None:
+    missing = sorted({t.name for t in palette} - limit.costs.keys() | {limit.reference} - limit.costs.keys())
+    if missing:
+        raise Mc2ggufError(f"no measured decode cost for {', '.join(missing)} (mc2gguf type-costs measures them)")
+    reference = limit.reference_time(units)
+    fastest = sum(min(limit.unit_time(u, t.name) for t in _candidates(u, palette)) for u in units)
+    if fastest * limit.min_speed > reference:
+        raise Mc2ggufError(
+            f"--min-speed {limit.min_speed:g} is out of reach: with this palette the experts decode at most "
+            f"{reference / fastest:.3f}x as fast as all-{limit.reference} experts")
+    # in units of the reference time: seconds per weight are ~1e-11, below the solver's feasibility tolerance
+    problem += pulp.lpSum(limit.unit_time(units[n], name) / reference * var for (n, name), var in choice.items()) \
+        <= 1.0 / limit.min_speed
 
 
 def _add_per_layer_constraints(problem, units, palette, choice, size, max_expert_bytes) -> None:
@@ -156,8 +201,10 @@ def allocate(units: list[AllocationUnit], opts, fixed_bytes: int, file_size) -> 
         keys = sorted({(u.layer, u.projections) for u in units})
         same_type = [[n for n, u in enumerate(units) if (u.layer, u.projections) == k] for k in keys]
 
+    limit = DecodeLimit(dict(opts.type_costs), opts.min_speed, opts.speed_reference) if opts.min_speed else None
+
     def solve(budget: int) -> Allocation:
-        return solve_allocation(units, palette, budget, opts.objective, opts.per_layer_budget, same_type)
+        return solve_allocation(units, palette, budget, opts.objective, opts.per_layer_budget, same_type, limit)
 
     if opts.bpw is not None:
         n_weights = sum(u.n_weights for u in units)
@@ -170,6 +217,8 @@ def allocate(units: list[AllocationUnit], opts, fixed_bytes: int, file_size) -> 
         try:
             allocation = solve(budget)
         except Mc2ggufError:
+            if limit is not None:
+                raise
             overhead = opts.size - budget
             raise Mc2ggufError(
                 f"--size {opts.size:,} is infeasible: reachable file sizes are about {smallest + overhead:,} "

@@ -37,6 +37,11 @@ class PMQOptions:
     act_order: bool = False
     damp: float = 0.01
     protect_ratio: float = 0.02
+    #: --min-speed: the experts' predicted decode speed relative to all-speed_reference experts, by type_costs
+    #: ((type name, seconds per expert weight) pairs, measured by mc2gguf type-costs)
+    min_speed: float | None = None
+    speed_reference: str = "Q4_K"
+    type_costs: tuple[tuple[str, float], ...] = ()
 
     def fingerprint(self, checkpoint: Checkpoint, options: tuple[str, ...] | None = None) -> dict:
         """Everything the output depends on (or, given ``options``, a stage that reads only those): options,

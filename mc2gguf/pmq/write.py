@@ -58,6 +58,9 @@ def pmq_metadata(records: list[dict], cal: CalibrationSet, opts: PMQOptions, all
         "layout": opts.layout, "per_layer_budget": opts.per_layer_budget, "expert_bytes": allocation.expert_bytes,
         "eps_method": opts.eps_method, "sequential": opts.sequential, "attn_type": opts.attn_type,
     }
+    if opts.min_speed:
+        summary |= {"min_speed": opts.min_speed, "speed_reference": opts.speed_reference,
+                    "predicted_speed": allocation.speed}
     return [
         KeyValue(Keys.VERSION, FORMAT_VERSION, GGUFValueType.UINT32),
         KeyValue(Keys.ODP_MU, [float(r["mu"]) for r in records], GGUFValueType.ARRAY, f32),
