@@ -33,7 +33,7 @@ from .gguf.writer import KeyValue, copy_with_metadata, read_metadata
 from .gguf.inspect import summarize
 from .gguf.keys import Keys, expert_tensor_pattern
 from .llama.build import find_llama_build
-from .quant.types import quant_type
+from .quant.types import DEFAULT_PALETTE, quant_type
 
 LLAMA_TYPES = ("Q2_K", "Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "Q3_K_S")
 # expert types of the llama.cpp layer mix, in increasing bits per weight (each one that llama.cpp's CUDA backend runs)
@@ -58,6 +58,9 @@ class BenchConfig:
     eps_tokens: int = 1024  # routed tokens per expert on which PMQ measures eps (convert's default: 4096)
     speed: bool = True
     mu_scales: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)  # ODP sweep of the middle budget's first layout
+    #: --min-speed rows at the middle budget's first layout (the experts' decode speed relative to all-Q4_K
+    #: experts, by this machine's measured type costs): quality against speed at one size
+    min_speeds: tuple[float, ...] = ()
 
 
 @dataclass
@@ -194,12 +197,22 @@ class Bench:
                                                      lower[0], self.c.threads])
         return out
 
-    def pmq(self, bpw: float, layout: str) -> Path:
-        out = self.c.work / f"mc2gguf-{bpw:.2f}-{layout}.gguf"
+    def type_costs(self) -> Path:
+        out = self.c.work / "type-costs.json"
+        self._stage("type-costs", out, self._mc2gguf("type-costs", "--types", ",".join(DEFAULT_PALETTE), "--threads",
+                                                     self.c.threads, "--out", out))
+        return out
+
+    def pmq(self, bpw: float, layout: str, min_speed: float | None = None) -> Path:
+        tag = f"{bpw:.2f}-{layout}" + (f"-speed{min_speed:g}" if min_speed else "")
+        out = self.c.work / f"mc2gguf-{tag}.gguf"
         calib = [a for path in self.c.calib for a in ("--calib", path)]
-        self._stage(f"pmq-{bpw:.2f}-{layout}", out, self._mc2gguf(
+        speed = ["--min-speed", min_speed, "--type-costs", self.type_costs(), "--speed-threads", self.c.threads] \
+            if min_speed else []
+        self._stage(f"pmq-{tag}", out, self._mc2gguf(
             "convert", self.c.model, out, "--bpw", bpw, "--layout", layout, *calib, "--nsamples", self.c.nsamples,
-            "--seqlen", self.c.seqlen, "--eps-tokens", self.c.eps_tokens, "--seed", self.c.seed, "--work-dir", self.c.work / "pmq-work"))  # measured once
+            "--seqlen", self.c.seqlen, "--eps-tokens", self.c.eps_tokens, "--seed", self.c.seed, *speed,
+            "--work-dir", self.c.work / "pmq-work"))  # measured once
         return out
 
     def scaled_mu(self, path: Path, scale: float) -> Path:
@@ -284,6 +297,13 @@ class Bench:
                     rows.append(self.evaluate(self._row("mc2gguf", f"PMQ {bpw:.2f} {layout}", path,
                                                         f"pmq-{bpw:.2f}-{layout}"), prune))
                 if self.c.layouts.index(layout) == 0 and bpw == self.c.bpws[len(self.c.bpws) // 2]:
+                    for min_speed in self.c.min_speeds:
+                        fast = self.pmq(bpw, layout, min_speed)
+                        pmq_files.append(fast)
+                        for prune in (False, True):
+                            rows.append(self.evaluate(self._row(
+                                "mc2gguf", f"PMQ {bpw:.2f} {layout} --min-speed {min_speed:g}", fast,
+                                f"pmq-{bpw:.2f}-{layout}-speed{min_speed:g}"), prune))
                     for scale in self.c.mu_scales:
                         row = self._row("mc2gguf", f"PMQ {bpw:.2f} {layout}", self.scaled_mu(path, scale))
                         row.mu_scale = scale

@@ -120,6 +120,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         threads=args.threads, seed=args.seed, llama_types=tuple(t for t in args.llama_types.split(",") if t) if args.llama_types is not None else LLAMA_TYPES,
         bpws=tuple(float(b) for b in args.bpw.split(",") if b), layouts=tuple(l for l in args.layouts.split(",") if l),
         nsamples=args.nsamples, seqlen=args.seqlen, eps_tokens=args.eps_tokens, speed=not args.no_speed,
+        min_speeds=tuple(float(v) for v in args.min_speeds.split(",") if v),
     )
     Bench(config).run()
     print((config.work / "results.md").read_text())
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-tokens", type=int, default=1024, help="routed tokens per expert on which PMQ measures "
                    "eps (default 1024; convert's default is 4096)")
     p.add_argument("--no-speed", action="store_true", help="skip llama-bench")
+    p.add_argument("--min-speeds", default="",
+                   help="comma-separated convert --min-speed values: PMQ rows at the middle --bpw, first layout, "
+                        "with the experts' decode speed bounded (costs measured once by mc2gguf type-costs)")
     p.add_argument("--readme", help="write the results into this README's results section")
     p.set_defaults(func=_cmd_bench)
 
