@@ -84,7 +84,7 @@ def test_unsupported_architecture(model, tmp_path, capsys):
     config["architectures"] = ["GPT2LMHeadModel"]
     (model / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out.gguf"
-    _fails(capsys, ["convert", str(model), str(out)], "GPT2LMHeadModel", "supported: MixtralForCausalLM")
+    _fails(capsys, ["convert", str(model), str(out)], "GPT2LMHeadModel", "supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, MixtralForCausalLM")
     _no_output_left(out)
 
 
