@@ -36,6 +36,8 @@ VARIANTS = {
     "deepseekv2-dense1-8x256-top2-scale2": TinyDeepseekV2Config(routed_scaling_factor=2.0),
     "deepseekv3-dense1-8x256-top2-groups2": TinyDeepseekV3Config(),
     "deepseekv2-yarn4": TinyDeepseekV2Config(yarn_factor=4.0),
+    # V2-Lite's form: no query LoRA (llama.cpp's deepseek2 then needs the "lite" layer count)
+    "deepseekv2-lite27-no-q-lora": TinyDeepseekV2Config(num_hidden_layers=27, q_lora_rank=None, n_routed_experts=4),
 }
 #: one model per family for PMQ and ODP, top-k > 2: renormalised (Qwen3) and not (OLMoE, Qwen2-MoE)
 PMQ_VARIANTS = {

@@ -13,12 +13,16 @@ Per MoE layer (holding one layer's weights at a time):
   the Hessian of the MoE output error (GPTQ's objective), not of the expert's unweighted output;
 - a seeded sample of each expert's routed inputs and weights, on which ``eps`` is measured.
 
+The per-expert part is made one expert at a time when the eps and quantize stages ask for it
+(:class:`ExpertCalibrations`): a layer's peak memory does not grow with its number of experts.
+
 An expert that no calibration token selects is reported; it falls back to every token of the layer with
 weight 1 for its Hessian and error sample, and to half a selection for ``phi``, so it gets a sane type.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +79,7 @@ class LayerCalibration:
     mu: float
     router_norms: torch.Tensor  # [n_tokens] the router inputs' L1 norms, sorted
     unused_experts: list[int]
-    experts: list[ExpertCalibration]
+    experts: Sequence[ExpertCalibration]  # ExpertCalibrations: made one at a time
 
     def significance(self) -> dict:
         """What the report and the GGUF metadata keep (everything but the Hessians and samples)."""
@@ -97,6 +101,42 @@ def _weighted_hessian(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return xw.T @ xw
 
 
+class ExpertCalibrations(Sequence):
+    """A MoE layer's per-expert calibrations, each made when asked for and not kept: one expert's Hessians and
+    routed inputs are in memory at a time, whatever the number of experts (at DeepSeek-V3's size all of a
+    layer's Hessians would take 54 GB). The down projection's input, the expert's hidden activation, is
+    computed again from its routed inputs (as the layer's forward computed it: the same values)."""
+
+    def __init__(self, adapter: ArchAdapter, layer: LayerWeights, x: torch.Tensor, ids: torch.Tensor,
+                 weights: torch.Tensor, eps_tokens: int, seed: int):
+        self.adapter, self.layer, self.x, self.ids, self.weights = adapter, layer, x, ids, weights
+        self.eps_tokens, self.seed = eps_tokens, seed
+
+    def __len__(self) -> int:
+        return len(self.layer.experts)
+
+    def routed(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens routed to expert ``e`` (in token order, as the forward dispatches them) and their weights."""
+        token, slot = torch.nonzero(self.ids == e, as_tuple=True)
+        return token, self.weights[token, slot]
+
+    def __getitem__(self, e: int) -> ExpertCalibration:
+        if not 0 <= e < len(self):
+            raise IndexError(e)
+        token, w = self.routed(e)
+        n_routed = token.numel()
+        xe = self.x[token] if n_routed else self.x
+        if not n_routed:
+            w = torch.ones(self.x.shape[0])
+        a = self.adapter.expert_activation(self.layer.experts[e], xe)
+        h_in = _weighted_hessian(xe, w)
+        hessians = {"gate": h_in, "up": h_in, "down": _weighted_hessian(a, w)}
+        # seeded per expert, so that any order of access gives the same samples
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.layer.index) * 65_537 + e)
+        pick = torch.randperm(xe.shape[0], generator=generator)[: self.eps_tokens]
+        return ExpertCalibration(n_routed, hessians, xe[pick].clone(), w[pick].clone())
+
+
 def calibrate_layer(
     adapter: ArchAdapter, layer: LayerWeights, h: torch.Tensor, eps_tokens: int, seed: int
 ) -> tuple[torch.Tensor, LayerCalibration]:
@@ -108,30 +148,20 @@ def calibrate_layer(
         out = adapter.dense_ffn(layer, x)
         return h_attn + out.reshape(h.shape), LayerCalibration(
             layer.index, x.shape[0], [], [], 0.0, torch.sort(norms).values, [], [])
-    routed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     logits = adapter.router_logits(layer, x)
-    out, ids, weights = adapter.moe_forward(layer, x, adapter.route(layer, logits)[:2],
-                                            lambda e, token, w, a: routed.__setitem__(e, (token, w, a)))
+    out, ids, weights = adapter.moe_forward(layer, x, adapter.route(layer, logits)[:2])
     n_tokens, top_k = ids.shape
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
-    experts, phi, mean_weight, unused = [], [], [], []
-    for e, expert in enumerate(layer.experts):
-        if e in routed:
-            token, w, a = routed.pop(e)
-            xe = x[token]
+    experts = ExpertCalibrations(adapter, layer, x, ids, weights, eps_tokens, seed)
+    phi, mean_weight, unused = [], [], []
+    for e in range(len(experts)):
+        token, w = experts.routed(e)
+        if token.numel():
             phi.append(token.numel() / (n_tokens * top_k))
             mean_weight.append(float(w.mean()))
         else:
             unused.append(e)
-            xe, w = x, torch.ones(n_tokens)
-            a = adapter.expert_activation(expert, xe)
             phi.append(0.5 / (n_tokens * top_k))
             mean_weight.append(1.0 / top_k)
-        h_in = _weighted_hessian(xe, w)
-        hessians = {"gate": h_in, "up": h_in, "down": _weighted_hessian(a, w)}
-        pick = torch.randperm(xe.shape[0], generator=generator)[:eps_tokens]
-        n_routed = 0 if e in unused else xe.shape[0]
-        experts.append(ExpertCalibration(n_routed, hessians, xe[pick].clone(), w[pick].clone()))
     calibration = LayerCalibration(
         index=layer.index,
         n_tokens=n_tokens,
