@@ -1,4 +1,5 @@
-// mc2gguf_odp::route — MC-MoE online dynamic pruning (ODP) of top-k MoE routing, as a PyTorch custom op.
+// mc2gguf_odp::route — MC-MoE online dynamic pruning (ODP) of top-k MoE routing, as a PyTorch custom op;
+// mc2gguf_odp::route_scores — the same rule on sigmoid scores with a selection bias and expert groups.
 //
 // Semantics: docs/odp.md. Python entry point and fallback: mc2gguf/odp.py (route / route_reference).
 //
@@ -110,7 +111,66 @@ Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::
   return p;
 }
 
+ScoreGating prepare_scores(const Prepared& p, double mu, const std::optional<at::Tensor>& bias, int64_t n_group,
+                           int64_t topk_group) {
+  ScoreGating g;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.E,
+                      msg("odp route_scores: bias must be [E=", p.E, "], got ", bias->sizes()));
+    TORCH_CHECK_VALUE(bias->device() == p.logits.device(),
+                      msg("odp route_scores: bias is on ", bias->device(), ", scores on ", p.logits.device()));
+    g.bias = bias->to(at::kFloat).contiguous();
+  }
+  TORCH_CHECK_VALUE(n_group >= 1 && p.E % n_group == 0 && (n_group == 1 || p.E / n_group >= 2),
+                    msg("odp route_scores: n_group must divide E=", p.E, " into groups of two or more, got ", n_group));
+  TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group,
+                    msg("odp route_scores: topk_group must be in [1, n_group=", n_group, "], got ", topk_group));
+  TORCH_CHECK_VALUE(n_group == 1 || p.k <= topk_group * (p.E / n_group),
+                    msg("odp route_scores: top_k ", p.k, " exceeds the experts of ", topk_group, " groups"));
+  g.n_group = static_cast<int>(n_group);
+  g.topk_group = static_cast<int>(n_group == 1 ? 1 : topk_group);
+  g.mu = static_cast<float>(mu);
+  return g;
+}
+
 namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_scores_cpu(
+    const at::Tensor& scores, int64_t top_k, double mu, const std::optional<at::Tensor>& bias, int64_t n_group,
+    int64_t topk_group, const std::optional<at::Tensor>& protect, const std::optional<at::Tensor>& importance,
+    double protect_ratio, bool renormalize) {
+  const Prepared p = prepare(scores, top_k, mu, protect, importance, protect_ratio);
+  const ScoreGating g = prepare_scores(p, mu, bias, n_group, topk_group);
+  at::Tensor ids = at::empty({p.T, p.k}, scores.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({p.T, p.k}, scores.options().dtype(at::kFloat));
+  int64_t total = 0;
+  if (p.T > 0) {
+    const bool* mask = p.mask.defined() ? p.mask.const_data_ptr<bool>() : nullptr;
+    const float* b = g.bias.defined() ? g.bias.const_data_ptr<float>() : nullptr;
+    int64_t* id_out = ids.data_ptr<int64_t>();
+    float* w_out = weights.data_ptr<float>();
+    const int64_t E = p.E;
+    const int k = static_cast<int>(p.k);
+    const int64_t grain = std::max<int64_t>(1, 32768 / (E * p.k));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "mc2gguf_odp_scores_cpu", [&] {
+      const scalar_t* w = p.logits.const_data_ptr<scalar_t>();
+      total = at::parallel_reduce(
+          0, p.T, grain, int64_t(0),
+          [&](int64_t begin, int64_t end, int64_t acc) {
+            std::vector<float> choice(E), group_score(g.n_group), group_val(g.n_group);
+            std::vector<int> group_id(g.n_group);
+            for (int64_t t = begin; t < end; ++t) {
+              acc += route_row_scores<scalar_t, int64_t>(
+                  w + t * E, b, E, k, g.n_group, g.topk_group, g.mu, mask != nullptr && mask[t], renormalize,
+                  id_out + t * k, w_out + t * k, choice.data(), group_score.data(), group_val.data(), group_id.data());
+            }
+            return acc;
+          },
+          std::plus<int64_t>());
+    });
+  }
+  return {ids, weights, at::scalar_tensor(total, scores.options().dtype(at::kLong))};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t top_k, double mu,
                                                          const std::optional<at::Tensor>& protect,
@@ -152,9 +212,16 @@ TORCH_LIBRARY(mc2gguf_odp, m) {
   m.def(
       "route(Tensor logits, int top_k, float mu, Tensor? protect=None, Tensor? importance=None, "
       "float protect_ratio=0.0, bool renormalize=True) -> (Tensor ids, Tensor weights, Tensor n_pruned)");
+  m.def(
+      "route_scores(Tensor scores, int top_k, float mu, Tensor? bias=None, int n_group=1, int topk_group=1, "
+      "Tensor? protect=None, Tensor? importance=None, float protect_ratio=0.0, bool renormalize=True) -> "
+      "(Tensor ids, Tensor weights, Tensor n_pruned)");
 }
 
-TORCH_LIBRARY_IMPL(mc2gguf_odp, CPU, m) { m.impl("route", &route_cpu); }
+TORCH_LIBRARY_IMPL(mc2gguf_odp, CPU, m) {
+  m.impl("route", &route_cpu);
+  m.impl("route_scores", &route_scores_cpu);
+}
 
 }  // namespace mc2gguf_odp
 

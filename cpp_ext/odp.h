@@ -64,6 +64,18 @@ struct Prepared {
 Prepared prepare(const at::Tensor& logits, int64_t top_k, double mu, const std::optional<at::Tensor>& protect,
                  const std::optional<at::Tensor>& importance, double protect_ratio);
 
+// The extra arguments of route_scores (sigmoid scores): the selection bias as a contiguous fp32 tensor on the
+// scores' device (undefined: none), the group counts checked against E and top_k, mu in fp32.
+struct ScoreGating {
+  at::Tensor bias;
+  int n_group = 1;
+  int topk_group = 1;
+  float mu = 0.0f;
+};
+
+ScoreGating prepare_scores(const Prepared& p, double mu, const std::optional<at::Tensor>& bias, int64_t n_group,
+                           int64_t topk_group);
+
 // ceil(ratio * T - 1e-6) clamped to [0, T], the product taken in double (docs/odp.md).
 int64_t n_protect(double ratio, int64_t T);
 

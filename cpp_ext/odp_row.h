@@ -132,4 +132,66 @@ ODP_HD int route_row(const scalar_t* x, int64_t E, int k, float thr, bool prot, 
   return route_weights(x, E, k, thr, prot, renormalize, ids, val);
 }
 
+// Sigmoid scores (DeepSeek-V3; docs/odp.md, "Sigmoid scores"), given the scores w [E] (fp32 sigmoid of the
+// logits, computed by the caller so that every implementation reads the same values):
+//   choice_e = w_e + bias_e; with n_group > 1 only the topk_group groups of E / n_group consecutive experts whose
+//   two best choices sum highest stay (lower group index first among equals), the others' choices -inf;
+//   the k experts of highest choice in slot order (lower id first among equals);
+//   slot s > 0 of an unprotected token pruned iff w_s < fl32(w_0 * mu);
+//   the survivors keep w_s, renormalised (the sum in slot order, floored at 6.103515625e-5) where asked.
+//   choice [E], group_score, group_val [n_group] and group_id [n_group] are scratch.
+// On return val holds the weights (0 in pruned slots) and ids -1 in pruned slots. Returns the pruned count.
+template <typename scalar_t, typename index_t>
+ODP_HD int route_row_scores(const scalar_t* w, const float* bias, int64_t E, int k, int n_group, int topk_group,
+                            float mu, bool prot, bool renormalize, index_t* ids, float* val, float* choice,
+                            float* group_score, float* group_val, int* group_id) {
+  for (int64_t e = 0; e < E; ++e) {
+    choice[e] = static_cast<float>(w[e]) + (bias != nullptr ? bias[e] : 0.0f);
+  }
+  if (n_group > 1) {
+    const int64_t per = E / n_group;
+    for (int g = 0; g < n_group; ++g) {
+      float v0 = -INFINITY, v1 = -INFINITY;
+      for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+        const float v = choice[e];
+        if (v > v0) {
+          v1 = v0;
+          v0 = v;
+        } else if (v > v1) {
+          v1 = v;
+        }
+      }
+      group_score[g] = v0 + v1;
+    }
+    route_select(group_score, n_group, topk_group, group_id, group_val);
+    for (int g = 0; g < n_group; ++g) {
+      bool chosen = false;
+      for (int j = 0; j < topk_group; ++j) chosen = chosen || group_id[j] == g;
+      if (!chosen) {
+        for (int64_t e = g * per; e < (g + 1) * per; ++e) choice[e] = -INFINITY;
+      }
+    }
+  }
+  route_select(choice, E, k, ids, val);
+  const float floor_w0 = static_cast<float>(w[ids[0]]) * mu;
+  float sum = 0.0f;
+  int pruned = 0;
+  for (int s = 0; s < k; ++s) {
+    const float ws = static_cast<float>(w[ids[s]]);
+    if (s > 0 && !prot && ws < floor_w0) {
+      val[s] = 0.0f;
+      ids[s] = static_cast<index_t>(-1);
+      ++pruned;
+    } else {
+      val[s] = ws;
+      sum += ws;
+    }
+  }
+  if (renormalize) {
+    const float total = sum < 6.103515625e-5f ? 6.103515625e-5f : sum;
+    for (int s = 0; s < k; ++s) val[s] = val[s] / total;
+  }
+  return pruned;
+}
+
 }  // namespace mc2gguf_odp

@@ -504,3 +504,43 @@ def test_sigmoid_pruning_rule():
     # not renormalised: survivors keep their scores
     _, w_plain_kept, _ = odp.route_sigmoid(logits, 4, mu, gating, protect=protect, renormalize=False)
     assert torch.equal(w_plain_kept, torch.where(pruned, 0.0, plain_w))
+
+
+@needs_op
+@pytest.mark.parametrize("E, k, n_group, topk_group", [(16, 4, 1, 1), (32, 6, 4, 2), (64, 8, 8, 3), (8, 2, 4, 1)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_scores_op_matches_reference(E, k, n_group, topk_group, renormalize):
+    """The compiled route_scores against route_sigmoid_reference: the same ids and count bit for bit, weights to
+    rounding, ties in the scores included (logits on a coarse grid), with protection and pruning."""
+    g = torch.Generator().manual_seed(E * k + n_group)
+    logits = torch.randint(-8, 8, (700, E), generator=g).float() / 4  # many equal scores
+    bias = torch.randint(-2, 3, (E,), generator=g).float() / 8
+    protect = torch.rand(700, generator=g) < 0.1
+    importance = torch.rand(700, generator=g)
+    gating = odp.SigmoidGating(bias, n_group, topk_group)
+    for mu in (0.0, 0.5, 0.9, 1.0):
+        want = odp.route_sigmoid_reference(logits, k, mu, gating, protect, importance, 0.05, renormalize)
+        got = odp.route_sigmoid(logits, k, mu, gating, protect, importance, 0.05, renormalize)
+        assert_same_routing(got, want)
+        if mu == 0.9:
+            assert 0 < got[2] < 700 * (k - 1)
+
+
+@needs_op
+def test_scores_op_checks_its_arguments():
+    logits = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="n_group must divide E=8"):
+        odp.route_sigmoid(logits, 2, 0.5, odp.SigmoidGating(None, 3, 1))
+    with pytest.raises(ValueError, match="topk_group must be in"):
+        odp.route_sigmoid(logits, 2, 0.5, odp.SigmoidGating(None, 2, 3))
+    with pytest.raises(ValueError, match="top_k 6 exceeds the experts of 1 groups"):
+        odp.route_sigmoid(logits, 6, 0.5, odp.SigmoidGating(None, 2, 1))
+    with pytest.raises(ValueError, match="bias must be"):
+        odp.route_sigmoid(logits, 2, 0.5, odp.SigmoidGating(torch.zeros(4), 1, 1))
+
+
+@needs_op
+def test_scores_op_registration_passes_opcheck():
+    scores = torch.rand(16, 8)
+    torch.library.opcheck(torch.ops.mc2gguf_odp.route_scores.default,
+                          (scores, 2, 0.5, torch.zeros(8), 2, 1, None, None, 0.0, True))

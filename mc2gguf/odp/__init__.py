@@ -7,7 +7,8 @@ this package, the compiled op in ``cpp_ext/`` and the llama.cpp patch all follow
 
 - ``rule``: :func:`route` (softmax gating: on the compiled op where it is available, else
   :func:`route_reference`, pure torch), :func:`route_sigmoid` (DeepSeek-V3's sigmoid scores with a selection
-  bias and groups, :class:`SigmoidGating`; pure torch), :func:`protect_mask`, :func:`n_protect`;
+  bias and groups, :class:`SigmoidGating`; the compiled ``route_scores`` or :func:`route_sigmoid_reference`),
+  :func:`protect_mask`, :func:`n_protect`;
 - ``importance``: :func:`token_importance`, :func:`attention_received`, :func:`attention_received_from_qk`
   (prefill protection), :func:`decode_protect` and :func:`router_input_norm` (the decode proxy);
 - ``thresholds``: :func:`slot_ratios`, :func:`calibrate_mu`, :func:`calibrate_protect_norm`, the one
@@ -24,11 +25,12 @@ from .extension import build_extension
 from .importance import (attention_received, attention_received_from_qk, decode_protect, router_input_norm,
                          token_importance)
 from .params import OdpParams
-from .rule import SigmoidGating, n_protect, protect_mask, route, route_reference, route_sigmoid
+from .rule import (SigmoidGating, n_protect, protect_mask, route, route_reference, route_sigmoid,
+                   route_sigmoid_reference)
 from .thresholds import calibrate_mu, calibrate_protect_norm, slot_ratios
 
 __all__ = [
-    "BACKEND", "BACKEND_DETAIL", "route", "route_reference", "route_sigmoid", "SigmoidGating", "n_protect", "protect_mask", "token_importance",
+    "BACKEND", "BACKEND_DETAIL", "route", "route_reference", "route_sigmoid", "route_sigmoid_reference", "SigmoidGating", "n_protect", "protect_mask", "token_importance",
     "attention_received", "attention_received_from_qk", "router_input_norm", "decode_protect", "slot_ratios",
     "calibrate_mu", "calibrate_protect_norm", "OdpParams", "build_extension",
 ]

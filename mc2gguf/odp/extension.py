@@ -28,6 +28,9 @@ from ..paths import cache_root
 log = logging.getLogger("mc2gguf.odp")
 
 OP_NAME = "mc2gguf_odp::route"
+SCORES_OP_NAME = "mc2gguf_odp::route_scores"
+#: the CUDA route_scores kernel's per-thread scratch
+SCORES_MAX_EXPERTS_CUDA = 512
 
 
 def _source_dir() -> Path | None:
@@ -118,10 +121,11 @@ def _load_backend() -> tuple[str, str]:
                 log.warning("ODP: C++ extension unavailable (%s); using the pure-torch reference", detail)
                 log.debug("prebuilt extension: %s", prebuilt_error)
                 return "torch", f"fallback: {detail}"
-    try:  # the shape function torch.compile / FakeTensor need
-        torch.library.register_fake(OP_NAME)(_route_fake)
-    except RuntimeError:  # registered already (module reloaded)
-        pass
+    for name, fake in ((OP_NAME, _route_fake), (SCORES_OP_NAME, _route_scores_fake)):
+        try:  # the shape function torch.compile / FakeTensor need
+            torch.library.register_fake(name)(fake)
+        except RuntimeError:  # registered already (module reloaded)
+            pass
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")
     return ("cuda" if has_cuda else "cpp"), where
 
@@ -133,6 +137,11 @@ def _route_fake(logits, top_k, mu, protect=None, importance=None, protect_ratio=
         logits.new_empty((T, top_k), dtype=torch.float32),
         logits.new_empty((), dtype=torch.int64),
     )
+
+
+def _route_scores_fake(scores, top_k, mu, bias=None, n_group=1, topk_group=1, protect=None, importance=None,
+                       protect_ratio=0.0, renormalize=True):
+    return _route_fake(scores, top_k, mu)
 
 
 @functools.cache

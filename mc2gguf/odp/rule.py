@@ -135,7 +135,31 @@ def route_sigmoid(
     Slot ``s > 0`` of an unprotected token is pruned iff ``w_s < fl32(w_0 * mu)``, ``w`` the chosen experts'
     scores and slot 0 the first by biased score (the scores are the weights here, not a logit gap). The
     survivors are renormalised (sum in slot order, floored at :data:`WEIGHT_SUM_MIN` as llama.cpp does) where
-    the family renormalises. Pure torch (the compiled op implements softmax gating only)."""
+    the family renormalises. Runs the compiled op ``torch.ops.mc2gguf_odp.route_scores`` on the scores where the
+    backend supports the device (:func:`route_sigmoid_reference` otherwise, and under autograd): the scores are
+    computed here, by torch, so that both read the same values."""
+
+    if extension.supports(logits, top_k) and (logits.device.type == "cpu"
+                                               or logits.shape[1] <= extension.SCORES_MAX_EXPERTS_CUDA):
+        bias = None if gating.bias is None else gating.bias.to(logits.device)
+        ids, weights, n = torch.ops.mc2gguf_odp.route_scores(
+            torch.sigmoid(logits.float()), int(top_k), float(mu), bias, int(gating.n_group), int(gating.topk_group),
+            protect, importance, float(protect_ratio), bool(renormalize))
+        return ids, weights, int(n)
+    return route_sigmoid_reference(logits, top_k, mu, gating, protect, importance, protect_ratio, renormalize)
+
+
+def route_sigmoid_reference(
+    logits: torch.Tensor,
+    top_k: int,
+    mu: float,
+    gating: SigmoidGating,
+    protect: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
+    protect_ratio: float = 0.0,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Pure-torch :func:`route_sigmoid`: the compiled op's specification, and its fallback."""
     top_k = int(top_k)
     _check(logits, top_k, protect, importance, float(protect_ratio))
     mu_f32 = float(torch.tensor(_check_mu(mu), dtype=torch.float32))
