@@ -88,7 +88,11 @@ class Checkpoint:
             raise Mc2ggufError(f"{config_file} is not valid JSON: {e}") from None
         self.tensors: dict[str, TensorRef] = {}
         for shard in self._shards():
-            self.tensors.update(_read_header(shard))
+            for name, ref in _read_header(shard).items():
+                if name in self.tensors:  # duplicated shards, or two links to one file
+                    raise Mc2ggufError(f"{self.path}: tensor {name} is in two shards, {self.tensors[name].shard.name} "
+                                       f"and {shard.name}")
+                self.tensors[name] = ref
 
     @property
     def architecture(self) -> str:
@@ -135,5 +139,7 @@ class Checkpoint:
                     raise Mc2ggufError(f"truncated shard {ref.shard}: cannot read all of {name}")
         except OSError as e:
             raise Mc2ggufError(f"cannot read {name} from {ref.shard}: {e.strerror or e}") from None
-        tensor = torch.frombuffer(buffer, dtype=_DTYPES[ref.dtype]).reshape(ref.shape)
-        return tensor.to(torch.float32)
+        tensor = torch.frombuffer(buffer, dtype=_DTYPES[ref.dtype]).reshape(ref.shape).to(torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            raise Mc2ggufError(f"{ref.shard}: tensor {name} holds NaN or infinite values")
+        return tensor

@@ -145,3 +145,50 @@ def test_no_disk_space(model, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out.gguf"
     _fails(capsys, ["convert", str(model), str(out)], "not enough disk space", "1,000 free")
     _no_output_left(out)
+
+
+def _rewrite_shard(shard: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(shard)
+    change(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_name_the_tensor(model, tmp_path, capsys, value):
+    victim = _shards(model)[1]
+    name = []
+
+    def poison(tensors):
+        name.append(sorted(tensors)[0])
+        tensors[name[0]].view(-1)[3] = value
+
+    _rewrite_shard(victim, poison)
+    out = tmp_path / "out.gguf"
+    _fails(capsys, ["convert", str(model), str(out), "--type", "Q8_0"], name[0], "NaN or infinite")
+    _no_output_left(out)
+
+
+def test_config_that_lies_about_a_size(model, tmp_path, capsys):
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.gguf"
+    _fails(capsys, ["convert", str(model), str(out)], "model.layers.0.block_sparse_moe.experts.0.w1.weight has shape",
+           "config.json implies")
+    _no_output_left(out)
+
+
+@pytest.mark.parametrize("how", ["copy", "symlink"])
+def test_duplicated_shard(model, tmp_path, capsys, how):
+    (model / "model.safetensors.index.json").unlink()  # then every *.safetensors is a shard
+    first = _shards(model)[0]
+    twin = model / "zz-twin.safetensors"
+    if how == "copy":
+        shutil.copyfile(first, twin)
+    else:
+        twin.symlink_to(first)
+    out = tmp_path / "out.gguf"
+    _fails(capsys, ["convert", str(model), str(out)], "is in two shards", first.name, twin.name)
+    _no_output_left(out)

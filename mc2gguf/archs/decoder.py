@@ -99,9 +99,24 @@ class MoEDecoderAdapter(ArchAdapter):
                     f"{checkpoint.path / 'config.json'}: {self.family} with norm_topk_prob "
                     f"{not self.renormalize} is not supported: llama.cpp's {self.gguf_architecture} graph "
                     f"{'always' if self.renormalize else 'never'} renormalises the top-k routing weights")
+        self.check_shapes(cfg)
 
     def check_config(self, cfg: dict) -> None:
         """Refuse what the family's config can say but this adapter does not implement (``refuse``)."""
+
+    def check_shapes(self, cfg: dict) -> None:
+        """Every tensor the config implies is in the checkpoint with the shape it implies: a config that lies
+        about a size (or a shard of another model) is a clear error naming the tensor, not a failure later."""
+        for i in range(int(cfg["num_hidden_layers"])):
+            try:
+                expected = self.checkpoint_layer_shapes(cfg, i)
+            except (KeyError, TypeError) as e:
+                raise Mc2ggufError(f"{self.checkpoint.path / 'config.json'}: missing or bad {self.family} field "
+                                   f"{e}") from None
+            for name, shape in expected.items():
+                if self.checkpoint.shape(name) != tuple(shape):
+                    raise Mc2ggufError(f"{self.checkpoint.path}: {name} has shape {self.checkpoint.shape(name)}, "
+                                       f"config.json implies {tuple(shape)}")
 
     def refuse(self, unsupported: list[tuple[bool, str]]) -> None:
         """``(condition, what)``: a clear error for the first condition that holds."""
