@@ -1,3 +1,3 @@
 """mc2gguf: MC-MoE compression of Mixture-of-Experts LLMs, exported to GGUF for llama.cpp."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

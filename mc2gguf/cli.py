@@ -85,6 +85,19 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from .gguf.inspect import render, summarize
 
     print(render(summarize(Path(args.file))))
+    if args.verify:
+        _cmd_verify(args)
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from .gguf.writer import verify
+
+    result = verify(Path(args.file))
+    if result.damaged:
+        raise Mc2ggufError(f"{args.file}: {len(result.damaged)} of {result.n_tensors} tensors do not match their "
+                           f"checksums (a damaged or altered file): {', '.join(result.damaged[:10])}"
+                           + (", ..." if len(result.damaged) > 10 else ""))
+    print(f"{args.file}: all {result.n_tensors} tensors match their checksums")
 
 
 def _cmd_build_llama(args: argparse.Namespace) -> None:
@@ -352,7 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
                  "of the experts and of the whole file, and its size.",
                  "mc2gguf inspect mixtral-2.5bpw.gguf")
     p.add_argument("file")
+    p.add_argument("--verify", action="store_true", help="also check every tensor against its checksum")
     p.set_defaults(func=_cmd_inspect)
+
+    p = _command(sub, "verify", "check every tensor of an mc2gguf GGUF file against the checksum written with it",
+                 "Check every tensor's bytes against the checksum mc2gguf wrote into the file's metadata "
+                 "(mc2gguf.tensor_checksums, blake2b-128): a damaged download or a truncated copy fails, naming the "
+                 "tensors. GGUF itself has no checksums, so a loader cannot tell. Exit 0 when all match.",
+                 "mc2gguf verify mixtral-2.5bpw.gguf")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_verify)
 
     p = _command(sub, "build-llama", "build the pinned, patched llama.cpp (cached); prints its bin directory",
                  "Build the pinned llama.cpp (commit 0c1e570, from the llama-cpp-python 0.3.36 sdist, downloaded "

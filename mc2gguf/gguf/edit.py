@@ -28,7 +28,8 @@ def rewrite(src: Path, dst: Path, *, set_kv: Sequence[KeyValue] = (), drop: Sequ
 
     groups = groups or {}
     sources = [{t.name: t for t in GGUFReader(p).tensors} for p in (group_sources or [])]
-    replaced = {kv.key for kv in set_kv} | set(drop)
+    # the copy's tensors may differ: it carries no checksums rather than stale ones
+    replaced = {kv.key for kv in set_kv} | set(drop) | {Keys.TENSOR_CHECKSUMS}
     reader = GGUFReader(src)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     partial = dst.with_name(dst.name + ".partial")

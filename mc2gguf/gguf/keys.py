@@ -24,6 +24,12 @@ class Keys:
     CALIBRATION_SOURCE = "mc2gguf.calibration.source"
     CALIBRATION_N_TOKENS = "mc2gguf.calibration.n_tokens"
     CALIBRATION_SEED = "mc2gguf.calibration.seed"
+    #: one hex digest per tensor, in file order (TENSOR_CHECKSUM_ALGORITHM of its bytes): mc2gguf verify
+    TENSOR_CHECKSUMS = "mc2gguf.tensor_checksums"
+
+
+#: the hash of Keys.TENSOR_CHECKSUMS: hashlib.blake2b with this digest size, hex
+TENSOR_CHECKSUM_DIGEST_BYTES = 16
 
 
 def tensor_name(tensor: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:

@@ -2,11 +2,13 @@
 
 gguf-py's writer is used in its streaming order (tensor infos, header, key/values, tensor info table, then
 each tensor's bytes as soon as it is quantized), so memory holds one tensor at a time. The file is
-written under a temporary name beside the output and renamed only when complete.
+written under a temporary name beside the output and renamed only when complete. Every tensor's checksum goes
+into the key/values (placeholders first, filled in place once the bytes are written): ``verify`` checks them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -20,6 +22,7 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from ..errors import Mc2ggufError
+from .keys import TENSOR_CHECKSUM_DIGEST_BYTES, Keys
 
 # Added by the writer itself or describing the file rather than the model.
 _WRITER_OWNED_KEYS = ("general.architecture",)
@@ -62,8 +65,21 @@ def read_metadata(path: Path) -> list[KeyValue]:
     return out
 
 
+def tensor_checksum(data) -> str:
+    """The hex digest ``Keys.TENSOR_CHECKSUMS`` holds for a tensor's bytes."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(data)).cast("B"),
+                           digest_size=TENSOR_CHECKSUM_DIGEST_BYTES).hexdigest()
+
+
+_CHECKSUM_PLACEHOLDER = "0" * (2 * TENSOR_CHECKSUM_DIGEST_BYTES)
+
+
 def _writer(path: Path, arch: str, metadata: list[KeyValue], tensors: list[TensorPayload]) -> GGUFWriter:
     writer = GGUFWriter(path, arch)
+    # a checksum per tensor: written as placeholders of the digests' length, filled in once the data is written
+    metadata = [kv for kv in metadata if kv.key != Keys.TENSOR_CHECKSUMS] + [
+        KeyValue(Keys.TENSOR_CHECKSUMS, [_CHECKSUM_PLACEHOLDER] * len(tensors), GGUFValueType.ARRAY,
+                 GGUFValueType.STRING)] if tensors else metadata
     for kv in metadata:
         writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
     for t in tensors:
@@ -137,12 +153,51 @@ def write_gguf(
     produce: Callable[[TensorPayload], np.ndarray],
     on_tensor: Callable[[TensorPayload], None] = lambda t: None,
 ) -> None:
-    """Write a GGUF file; ``produce`` returns each tensor's bytes, called in order, one at a time."""
+    """Write a GGUF file; ``produce`` returns each tensor's bytes, called in order, one at a time. The file
+    carries a checksum of every tensor (``Keys.TENSOR_CHECKSUMS``, :func:`verify`)."""
     writer = _writer(path, arch, metadata, tensors)
+    digests = []
     for t in tensors:
         data = produce(t)
         if data.nbytes != t.nbytes:
             raise Mc2ggufError(f"internal error: {t.name} produced {data.nbytes} bytes, planned {t.nbytes}")
         writer.write_tensor_data(data)
+        digests.append(tensor_checksum(data))
         on_tensor(t)
     writer.close()
+    if tensors:
+        _fill_checksums(path, digests)
+
+
+def _fill_checksums(path: Path, digests: list[str]) -> None:
+    """Overwrite the placeholders in place: each digest is a string of the placeholder's length, so the file's
+    layout does not move."""
+    reader = GGUFReader(path, "r+")
+    field = reader.fields[Keys.TENSOR_CHECKSUMS]
+    for index, digest in zip(field.data, digests, strict=True):
+        field.parts[index][:] = np.frombuffer(digest.encode("ascii"), dtype=np.uint8)
+    reader.data.flush()
+    del reader
+
+
+@dataclass(frozen=True)
+class Verification:
+    n_tensors: int
+    damaged: list[str]  # tensors whose bytes do not match their checksum
+
+
+def verify(path: Path) -> Verification:
+    """Every tensor's bytes against the checksum mc2gguf wrote for it (a damaged download, a truncated copy)."""
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise Mc2ggufError(f"{path} is not a readable GGUF file: {e}") from None
+    field = reader.fields.get(Keys.TENSOR_CHECKSUMS)
+    if field is None:
+        raise Mc2ggufError(f"{path} has no {Keys.TENSOR_CHECKSUMS}: not written by mc2gguf (0.4.0 or later), "
+                           "nothing to verify against")
+    stored = [str(v) for v in field.contents()]
+    if len(stored) != len(reader.tensors):
+        raise Mc2ggufError(f"{path}: {len(stored)} checksums for {len(reader.tensors)} tensors")
+    damaged = [t.name for t, digest in zip(reader.tensors, stored) if tensor_checksum(t.data) != digest]
+    return Verification(len(stored), damaged)
