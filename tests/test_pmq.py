@@ -166,6 +166,17 @@ def test_resume_after_kill_is_byte_identical(tiny_mixtral, tmp_path):
     assert not work.exists()
 
 
+def test_resume_after_kills_at_random_moments(tiny_mixtral, tmp_path):
+    """Two seeded SIGKILL moments anywhere in a run (calibration, eps, allocation, quantization, writing), each
+    resumed: byte-identical to the uninterrupted file (``python3 tests/kill_resume.py --points 10`` runs more)."""
+    from kill_resume import soak
+
+    from mc2gguf.paths import C4_SAMPLE
+
+    identical, interrupted = soak(tiny_mixtral, C4_SAMPLE, tmp_path, points=2, seed=1)
+    assert identical == interrupted > 0
+
+
 def test_measurements_serve_other_budgets(tiny_mixtral, tmp_path, monkeypatch):
     """A --work-dir keeps the measurements (and the eps stage's GPTQ bytes, and the non-expert tensors' bytes): a
     second budget from it measures and quantizes nothing again, and its file is byte-identical to a conversion
