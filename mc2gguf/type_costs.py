@@ -48,9 +48,6 @@ class TypeCosts:
     build: str
     fixed_seconds: float  # the probe's token time outside the experts
 
-    def relative(self, reference: str) -> dict[str, float]:
-        return {t: c / self.seconds_per_weight[reference] for t, c in self.seconds_per_weight.items()}
-
     def render(self, reference: str = "Q4_K") -> str:
         from .quant.types import quant_type
 
