@@ -259,3 +259,35 @@ def test_odp_thresholds_are_those_eval_calibrates(tiny_mixtral, tmp_path):
     assert np.allclose(fields["mc2gguf.odp.mu"].contents(), params.mu, rtol=1e-5, atol=0)
     assert np.allclose(fields["mc2gguf.odp.protect_norm"].contents(), params.protect_norm, rtol=1e-5, atol=0)
     assert float(fields["mc2gguf.odp.protect_ratio"].contents()) == pytest.approx(0.05)
+
+
+def test_full_disk_in_the_work_directory_then_resume(tiny_mixtral, tmp_path, capsys, monkeypatch):
+    """The disk fills while PMQ writes its work directory (the third record): a clear error, no output, nothing
+    half-written taken as done; with space back the same command resumes to the uninterrupted run's bytes."""
+    import errno
+
+    import torch
+
+    import mc2gguf.pmq.traversal as traversal
+
+    args = [*SMALL, "--bpw", "4.5", "--palette", "Q3_K,Q4_K,Q6_K", "--eps-method", "rtn"]
+    assert _convert(tiny_mixtral, tmp_path / "ref.gguf", *args) == 0
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            Path(path).write_bytes(b"partial")  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(traversal.torch, "save", save)
+    out = tmp_path / "out.gguf"
+    capsys.readouterr()
+    assert _convert(tiny_mixtral, out, *args) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run the same command again to resume" in err
+    assert not out.exists() and not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.setattr(traversal.torch, "save", real_save)
+    assert _convert(tiny_mixtral, out, *args) == 0
+    assert out.read_bytes() == (tmp_path / "ref.gguf").read_bytes()

@@ -58,12 +58,19 @@ class WorkDir:
         return self._file(stage, name).exists()
 
     def save(self, stage: str, name: str, obj: Any) -> None:
+        """A record, written whole or not at all (a temporary file renamed): a full disk or a kill never leaves
+        a truncated record that a resumed run would take as done."""
         path = self._file(stage, name)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            torch.save(obj, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise Mc2ggufError(f"cannot write {path}: {e.strerror or e}; the work done so far is kept in "
+                               f"{self.path}: free space and run the same command again to resume") from None
 
     def load(self, stage: str, name: str) -> Any:
         return torch.load(self._file(stage, name), weights_only=False)
