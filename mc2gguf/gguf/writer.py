@@ -74,7 +74,9 @@ def tensor_checksum(data) -> str:
 _CHECKSUM_PLACEHOLDER = "0" * (2 * TENSOR_CHECKSUM_DIGEST_BYTES)
 
 
-def _writer(path: Path, arch: str, metadata: list[KeyValue], tensors: list[TensorPayload]) -> GGUFWriter:
+def _writer(path: Path, arch: str, metadata: list[KeyValue], tensors: list[TensorPayload]) -> tuple[GGUFWriter, int]:
+    """The writer with the header, key/values and tensor infos written, and where the key/values end (the
+    checksum placeholders, the last key/value, end there)."""
     writer = GGUFWriter(path, arch)
     # a checksum per tensor: written as placeholders of the digests' length, filled in once the data is written
     metadata = [kv for kv in metadata if kv.key != Keys.TENSOR_CHECKSUMS] + [
@@ -86,14 +88,15 @@ def _writer(path: Path, arch: str, metadata: list[KeyValue], tensors: list[Tenso
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
+    kv_end = writer.fout[0].tell()
     writer.write_ti_data_to_file()
-    return writer
+    return writer, kv_end
 
 
 def expected_file_size(arch: str, metadata: list[KeyValue], tensors: list[TensorPayload]) -> int:
     """The exact byte size of the file ``write_gguf`` produces, found by writing its header alone."""
     with tempfile.TemporaryDirectory() as tmp:
-        writer = _writer(Path(tmp) / "header.gguf", arch, metadata, tensors)
+        writer, _ = _writer(Path(tmp) / "header.gguf", arch, metadata, tensors)
         writer.close()
         header = (Path(tmp) / "header.gguf").stat().st_size
         align = writer.data_alignment
@@ -155,7 +158,7 @@ def write_gguf(
 ) -> None:
     """Write a GGUF file; ``produce`` returns each tensor's bytes, called in order, one at a time. The file
     carries a checksum of every tensor (``Keys.TENSOR_CHECKSUMS``, :func:`verify`)."""
-    writer = _writer(path, arch, metadata, tensors)
+    writer, kv_end = _writer(path, arch, metadata, tensors)
     digests = []
     for t in tensors:
         data = produce(t)
@@ -166,18 +169,22 @@ def write_gguf(
         on_tensor(t)
     writer.close()
     if tensors:
-        _fill_checksums(path, digests)
+        _fill_checksums(path, kv_end, digests)
 
 
-def _fill_checksums(path: Path, digests: list[str]) -> None:
-    """Overwrite the placeholders in place: each digest is a string of the placeholder's length, so the file's
-    layout does not move."""
-    reader = GGUFReader(path, "r+")
-    field = reader.fields[Keys.TENSOR_CHECKSUMS]
-    for index, digest in zip(field.data, digests, strict=True):
-        field.parts[index][:] = np.frombuffer(digest.encode("ascii"), dtype=np.uint8)
-    reader.data.flush()
-    del reader
+def _fill_checksums(path: Path, kv_end: int, digests: list[str]) -> None:
+    """Overwrite the placeholders in place, without mapping the file (a memory cap counts mappings): each digest
+    is a string of the placeholder's length, so the file's layout does not move. The placeholders are the last
+    key/value's array items, each a u64 length and the string, ending where the key/values end."""
+    item = 8 + len(_CHECKSUM_PLACEHOLDER)
+    start = kv_end - len(digests) * item
+    placeholder = len(_CHECKSUM_PLACEHOLDER).to_bytes(8, "little") + _CHECKSUM_PLACEHOLDER.encode("ascii")
+    with open(path, "r+b") as f:
+        f.seek(start)
+        if f.read(len(digests) * item) != placeholder * len(digests):
+            raise Mc2ggufError(f"internal error: the checksum placeholders of {path} are not where they were written")
+        f.seek(start)
+        f.write(b"".join(len(d).to_bytes(8, "little") + d.encode("ascii") for d in digests))
 
 
 @dataclass(frozen=True)
